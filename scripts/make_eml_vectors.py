@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclaveml.crypto import BoundHeader, Header, WrappedKey, encrypt_file
+from enclaveml.crypto import Header, WrappedKey, encrypt_file
 from enclaveml.crypto._format import TAG_SIZE
 from enclaveml.crypto._keywrap import unwrap_key, wrap_key
 from enclaveml.crypto._stream import SegmentCipher
@@ -88,7 +88,10 @@ def build_vectors() -> tuple[dict[str, bytes], list[dict[str, object]]]:
         files[name] = data
         entry: dict[str, object] = {"file": name, "expect": expect, "context": context}
         if length is not None:
-            entry |= {"plaintext_length": length, "plaintext_sha256": hashlib.sha256(plaintext(length)).hexdigest()}
+            entry |= {
+                "plaintext_length": length,
+                "plaintext_sha256": hashlib.sha256(plaintext(length)).hexdigest(),
+            }
         manifest.append(entry)
 
     for name, length, context in [
@@ -109,7 +112,11 @@ def build_vectors() -> tuple[dict[str, bytes], list[dict[str, object]]]:
     add("header_truncated.eml", base[:30], "format")
     add("no_segments.eml", head, "format")
     add("descriptor_trailing_bytes.eml", _with_descriptor(header, header.bound.raw[23:] + b"\x00"), "format")
-    add("context_keys_unsorted.eml", _with_descriptor(header, _descriptor([("tenant", "acme"), ("purpose", "kat")])), "format")
+    add(
+        "context_keys_unsorted.eml",
+        _with_descriptor(header, _descriptor([("tenant", "acme"), ("purpose", "kat")])),
+        "format",
+    )
     add("key_version_zero.eml", base[: bound + 2] + b"\x00\x00\x00\x00" + base[bound + 6 :], "format")
     add("header_flipped.eml", flip(base, 14), "integrity")  # a nonce-prefix byte
     tampered_context = {"tenant": "acmd", "purpose": "kat"}  # what the flipped byte now says
@@ -126,11 +133,19 @@ def build_vectors() -> tuple[dict[str, bytes], list[dict[str, object]]]:
     add("segment_duplicated.eml", head + segs[0] + segs[0] + segs[1] + segs[2], "integrity")
     add("segment_appended.eml", base + segs[0], "integrity")
     other, other_header = encrypt(2 * SEGMENT + 5, CONTEXT, OTHER_PREFIX)
-    add("segment_spliced_from_other_file.eml", head + segments(other, other_header)[1][0] + segs[1] + segs[2], "integrity")
+    add(
+        "segment_spliced_from_other_file.eml",
+        head + segments(other, other_header)[1][0] + segs[1] + segs[2],
+        "integrity",
+    )
     cipher = SegmentCipher(DATA_KEY, header.bound)
     empty_last = bytearray(TAG_SIZE)
     cipher.seal_into(1, True, memoryview(b""), memoryview(empty_last))
-    add("empty_final_segment.eml", head + _reseal_first_as_middle(cipher, segs[0]) + bytes(empty_last), "format")
+    add(
+        "empty_final_segment.eml",
+        head + _reseal_first_as_middle(cipher, segs[0]) + bytes(empty_last),
+        "format",
+    )
     add("wrong_context.eml", base, "context", context={"tenant": "globex", "purpose": "kat"})
     add("missing_context.eml", base, "context", context={})
     return files, manifest

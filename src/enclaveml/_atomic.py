@@ -18,9 +18,7 @@ __all__ = ["atomic_output"]
 
 
 @contextlib.contextmanager
-def atomic_output(
-    path: str | os.PathLike[str], *, mode: int = 0o600, durable: bool = False
-) -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike[str], *, mode: int = 0o600, durable: bool = False) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` only if the block exits without error.
 
     ``durable=True`` also fsyncs the file and its directory, so the new content survives a

@@ -55,6 +55,11 @@ class EnclaveMLError(Exception):
         self.what = what
         self.hint = hint if hint is not None else self.default_hint
 
+    def about(self, subject: object) -> EnclaveMLError:
+        """Prefix ``what`` with the file or object it concerns; returns ``self`` to re-raise."""
+        self.what = f"{subject}: {self.what}"
+        return self
+
     def diagnostics(self) -> str:
         """The single line shown to a person: what happened, then what to do."""
         return f"{self.what} ({self.hint})"

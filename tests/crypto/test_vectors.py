@@ -22,7 +22,8 @@ MANIFEST = json.loads((VECTORS / "vectors.json").read_text())
 
 def _generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location("make_eml_vectors", ROOT / "scripts" / "make_eml_vectors.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
     spec.loader.exec_module(module)

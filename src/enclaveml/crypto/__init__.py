@@ -20,12 +20,13 @@ The format is specified in ``docs/format.md``.
 
 from enclaveml.crypto._envelope import (
     DATA_KEY_SIZE,
+    FileDescription,
     KeyReference,
     KeyWrapper,
     WrappedKey,
     decrypt_file,
+    describe_file,
     encrypt_file,
-    read_file_header,
     rewrap_file,
 )
 from enclaveml.crypto._format import (
@@ -46,13 +47,14 @@ __all__ = [
     "BoundHeader",
     "EmlReader",
     "Envelope",
+    "FileDescription",
     "Header",
     "KeyReference",
     "KeyWrapper",
     "WrappedKey",
     "decrypt_file",
+    "describe_file",
     "encrypt_file",
     "open_reader",
-    "read_file_header",
     "rewrap_file",
 ]

@@ -26,6 +26,8 @@ from enclaveml.crypto._format import (
     BoundHeader,
     Envelope,
     Header,
+    Layout,
+    layout,
     read_header,
 )
 from enclaveml.crypto._stream import Progress, SegmentCipher, decrypt_stream, encrypt_stream
@@ -33,15 +35,16 @@ from enclaveml.errors import ContextMismatch, KeyNotFound
 
 __all__ = [
     "DATA_KEY_SIZE",
+    "FileDescription",
     "KeyReference",
     "KeyWrapper",
     "Source",
     "WrappedKey",
     "check_context",
     "decrypt_file",
+    "describe_file",
     "encrypt_file",
     "open_data_key",
-    "read_file_header",
     "rewrap_file",
 ]
 
@@ -80,7 +83,7 @@ class KeyWrapper(Protocol):
 @contextlib.contextmanager
 def _opened(target: Source, mode: str) -> Iterator[BinaryIO]:
     if isinstance(target, str | os.PathLike):
-        with open(target, mode) as handle:  # noqa: PTH123 - binary path or stream alike
+        with open(target, mode) as handle:
             yield handle  # type: ignore[misc]
     else:
         yield target
@@ -175,10 +178,21 @@ def decrypt_file(
     return header
 
 
-def read_file_header(source: Source) -> Header:
-    """Parse the header only (what ``enclaveml inspect`` shows); needs no key."""
-    with _opened(source, "rb") as src:
-        return read_header(src)
+@dataclass(frozen=True)
+class FileDescription:
+    """What ``enclaveml inspect`` shows: header and layout, no secret, no key needed."""
+
+    header: Header
+    layout: Layout
+    file_size: int
+
+
+def describe_file(path: str | os.PathLike[str]) -> FileDescription:
+    """Parse the header and compute the segment layout from the file size (unauthenticated)."""
+    with open(path, "rb") as src:
+        header = read_header(src)
+        size = os.fstat(src.fileno()).st_size
+    return FileDescription(header, layout(header, size), size)
 
 
 def rewrap_file(path: str | os.PathLike[str], kms: KeyWrapper, key: str | None = None) -> tuple[Header, Header]:

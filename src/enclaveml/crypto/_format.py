@@ -24,6 +24,8 @@ __all__ = [
     "BoundHeader",
     "Envelope",
     "Header",
+    "Layout",
+    "layout",
     "read_header",
 ]
 
@@ -97,9 +99,7 @@ class BoundHeader:
             descriptor += struct.pack(">H", len(kb)) + kb + struct.pack(">H", len(vb)) + vb
         if len(descriptor) > MAX_DESCRIPTOR:
             raise ValueError("key reference and context together exceed 4096 bytes")
-        fixed = _FIXED.pack(
-            MAGIC, VERSION, ALGORITHM_AES256_GCM_STREAM, segment_size, nonce_prefix, len(descriptor)
-        )
+        fixed = _FIXED.pack(MAGIC, VERSION, ALGORITHM_AES256_GCM_STREAM, segment_size, nonce_prefix, len(descriptor))
         return cls(segment_size, nonce_prefix, kms_name, key_id, pairs, fixed + descriptor)
 
     def context_dict(self) -> dict[str, str]:
@@ -120,6 +120,28 @@ class Header:
     def size(self) -> int:
         """File offset of the first segment."""
         return len(self.bound.raw) + 2 + 4 + len(self.envelope.wrapped_key)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Segment layout computed from the file size alone (section 2.4); unauthenticated."""
+
+    segments: int
+    last_segment_size: int  # stored bytes, tag included
+    plaintext_size: int
+
+
+def layout(header: Header, file_size: int) -> Layout:
+    """Where the segments are, for a file of ``file_size`` bytes with this header."""
+    payload = file_size - header.size
+    if payload <= 0:
+        raise FormatError("file is truncated: it has a header but no segments")
+    stored = header.bound.segment_size + TAG_SIZE
+    segments = -(-payload // stored)
+    last = payload - (segments - 1) * stored
+    if last < TAG_SIZE:
+        raise FormatError("file is truncated: the last segment is shorter than its tag")
+    return Layout(segments, last, (segments - 1) * header.bound.segment_size + last - TAG_SIZE)
 
 
 def _str8(text: str, name: str) -> bytes:

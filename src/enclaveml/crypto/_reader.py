@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import BinaryIO
 
 from enclaveml.crypto._envelope import KeyWrapper, check_context, open_data_key
-from enclaveml.crypto._format import TAG_SIZE, Header, read_header
+from enclaveml.crypto._format import TAG_SIZE, Header, layout, read_header
 from enclaveml.crypto._stream import SegmentCipher
 from enclaveml.errors import FormatError
 
@@ -28,14 +28,11 @@ class EmlReader:
         self.header = header
         self._cipher = cipher
         self._stored = header.bound.segment_size + TAG_SIZE
-        payload = os.fstat(handle.fileno()).st_size - header.size
-        if payload <= 0:
-            raise FormatError("file is truncated: it has a header but no segments")
-        self._segments = -(-payload // self._stored)
-        self._last_stored = payload - (self._segments - 1) * self._stored
+        shape = layout(header, os.fstat(handle.fileno()).st_size)
+        self._segments, self._last_stored = shape.segments, shape.last_segment_size
         # Authenticating the last segment proves the length before any read trusts it.
-        last_plain = self._read_segment(self._segments - 1)
-        self.size = (self._segments - 1) * header.bound.segment_size + len(last_plain)
+        self._read_segment(self._segments - 1)
+        self.size = shape.plaintext_size
 
     def _read_segment(self, index: int) -> bytes:
         last = index == self._segments - 1

@@ -77,9 +77,7 @@ def _fill(source: BinaryIO, buf: bytearray) -> int:
     return filled
 
 
-def encrypt_stream(
-    cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None
-) -> int:
+def encrypt_stream(cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None) -> int:
     """Encrypt all of ``source`` into ``sink`` (segments only; the caller writes the header).
 
     Reads one segment ahead so it knows which segment is the last. Returns plaintext bytes.
@@ -103,9 +101,7 @@ def encrypt_stream(
         index += 1
 
 
-def decrypt_stream(
-    cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None
-) -> int:
+def decrypt_stream(cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None) -> int:
     """Verify and decrypt the segments of ``source`` (positioned after the header) into ``sink``.
 
     Each segment is written only after it verified. A failure in a later segment leaves the

@@ -1,0 +1,110 @@
+"""What every command shares: the enclaveml home, the passphrase, progress bars, output.
+
+The only place the CLI reads the environment (``ENCLAVEML_HOME``, ``ENCLAVEML_PASSPHRASE``);
+everything below it receives values as arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from enclaveml.errors import ConfigError
+from enclaveml.kms import LocalKms
+
+__all__ = ["App", "bytes_progress", "err_console", "out_console", "parse_context", "pass_app"]
+
+STORE_FILE = "keystore.json"
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class App:
+    home: Path
+    debug: bool
+
+    @classmethod
+    def from_options(cls, home: str | None, debug: bool) -> App:
+        chosen = home or os.environ.get("ENCLAVEML_HOME") or str(Path.home() / ".enclaveml")
+        return cls(Path(chosen).expanduser(), debug)
+
+    @property
+    def store_path(self) -> Path:
+        return self.home / STORE_FILE
+
+    def passphrase(self, *, confirm: bool = False) -> str:
+        """From ``ENCLAVEML_PASSPHRASE``, else a prompt on the terminal (never echoed)."""
+        value = os.environ.get("ENCLAVEML_PASSPHRASE")
+        if value:
+            return value
+        if not sys.stdin.isatty():
+            raise ConfigError(
+                "no passphrase for the key store",
+                "set ENCLAVEML_PASSPHRASE or run the command in a terminal to be prompted",
+            )
+        first = getpass.getpass("key store passphrase: ")
+        if confirm and getpass.getpass("repeat passphrase: ") != first:
+            raise ConfigError("the passphrases do not match", "run the command again")
+        if not first:
+            raise ConfigError("the passphrase is empty", "choose a passphrase")
+        return first
+
+    def open_kms(self) -> LocalKms:
+        if not self.store_path.exists():
+            raise ConfigError(
+                f"no key store at {self.store_path}",
+                "run `enclaveml kms init` first, or set ENCLAVEML_HOME / --home to the right directory",
+            )
+        return LocalKms(self.store_path, self.passphrase())
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def parse_context(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("tenant=acme", ...)`` -> ``{"tenant": "acme"}``; each key once."""
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--context {pair!r} is not KEY=VALUE", "write it like --context tenant=acme")
+        if key in context:
+            raise ConfigError(f"--context key {key!r} is given twice", "give each key once")
+        context[key] = value
+    return context
+
+
+@contextlib.contextmanager
+def bytes_progress(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (only on a terminal); yields ``advance(n_bytes)``."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not err_console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
