@@ -8,7 +8,6 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from enclaveml.cli._app import err_console
-from enclaveml.datagen import write_people_csv
 
 __all__ = ["datagen"]
 
@@ -34,6 +33,8 @@ def people(rows: int, output: str, seed: int) -> None:
     Example:
       enclaveml datagen people --rows 1000000 -o people.csv --seed 42
     """
+    from enclaveml.datagen import write_people_csv  # numpy + pyarrow: only when generating
+
     with Progress(
         TextColumn("people"),
         BarColumn(),
