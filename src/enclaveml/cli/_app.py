@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
@@ -29,7 +30,7 @@ from rich.progress import (
 from enclaveml.errors import ConfigError
 from enclaveml.kms import LocalKms
 
-__all__ = ["App", "bytes_progress", "err_console", "out_console", "parse_context", "pass_app"]
+__all__ = ["App", "progress_bar", "err_console", "out_console", "parse_context", "pass_app"]
 
 STORE_FILE = "keystore.json"
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -93,14 +94,19 @@ def parse_context(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def bytes_progress(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (only on a terminal); yields ``advance(n_bytes)``."""
+def progress_bar(label: str, total: int | None, *, unit: str = "bytes") -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr (only on a terminal); yields ``advance(n)``.
+
+    ``unit="bytes"`` shows sizes and speed; ``unit="rows"`` shows a count.
+    """
+    counters = (
+        (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(), TextColumn(unit))
+    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        *counters,
         TimeRemainingColumn(),
         console=err_console,
         disable=not err_console.is_terminal,

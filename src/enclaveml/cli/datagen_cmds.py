@@ -5,9 +5,8 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from enclaveml.cli._app import err_console
+from enclaveml.cli._app import err_console, progress_bar
 
 __all__ = ["datagen"]
 
@@ -35,17 +34,8 @@ def people(rows: int, output: str, seed: int) -> None:
     """
     from enclaveml.datagen import write_people_csv  # numpy + pyarrow: only when generating
 
-    with Progress(
-        TextColumn("people"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=not err_console.is_terminal,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("rows", total=rows)
+    with progress_bar("people", rows, unit="rows") as advance:
         target = sys.stdout.buffer if output == "-" else output
-        written = write_people_csv(target, rows, seed=seed, progress=lambda n: bar.advance(task, n))
+        written = write_people_csv(target, rows, seed=seed, progress=advance)
     if output != "-":
         err_console.print(f"wrote {written} rows to {output} (seed {seed})")

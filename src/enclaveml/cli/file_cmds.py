@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from enclaveml.cli._app import App, bytes_progress, err_console, out_console, parse_context, pass_app
+from enclaveml.cli._app import App, progress_bar, err_console, out_console, parse_context, pass_app
 from enclaveml.crypto import (
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
@@ -93,13 +93,13 @@ def encrypt(
     kms = app.open_kms()
     started = time.perf_counter()
     if source != STDIO and Path(source).is_dir():
-        with bytes_progress("encrypting", tree_size(Path(source))) as advance:
+        with progress_bar("encrypting", tree_size(Path(source))) as advance:
             files = encrypt_tree(
                 Path(source), Path(target), kms, key, context=context, segment_size=seg, progress=advance
             )
         err_console.print(f"encrypted {len(files)} files into {target} in {time.perf_counter() - started:.2f} s")
         return
-    with bytes_progress("encrypting", _size_of(source)) as advance:
+    with progress_bar("encrypting", _size_of(source)) as advance:
         header = encrypt_file(
             sys.stdin.buffer if source == STDIO else source,
             sys.stdout.buffer if target == STDIO else target,
@@ -143,12 +143,12 @@ def decrypt(app: App, source: str, destination: str | None, context_pairs: tuple
     kms = app.open_kms()
     started = time.perf_counter()
     if source != STDIO and Path(source).is_dir():
-        with bytes_progress("decrypting", tree_size(Path(source))) as advance:
+        with progress_bar("decrypting", tree_size(Path(source))) as advance:
             files = decrypt_tree(Path(source), Path(destination), kms, context=context, progress=advance)
         err_console.print(f"decrypted {len(files)} files into {destination} in {time.perf_counter() - started:.2f} s")
         return
     try:
-        with bytes_progress("decrypting", _size_of(source)) as advance:
+        with progress_bar("decrypting", _size_of(source)) as advance:
             decrypt_file(
                 sys.stdin.buffer if source == STDIO else source,
                 sys.stdout.buffer if destination == STDIO else destination,
