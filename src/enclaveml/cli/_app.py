@@ -30,7 +30,7 @@ from rich.progress import (
 from enclaveml.errors import ConfigError
 from enclaveml.kms import LocalKms
 
-__all__ = ["App", "progress_bar", "err_console", "out_console", "parse_context", "pass_app"]
+__all__ = ["App", "err_console", "out_console", "parse_context", "pass_app", "progress_bar"]
 
 STORE_FILE = "keystore.json"
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)

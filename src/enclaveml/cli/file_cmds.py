@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from enclaveml.cli._app import App, progress_bar, err_console, out_console, parse_context, pass_app
+from enclaveml.cli._app import App, err_console, out_console, parse_context, pass_app, progress_bar
 from enclaveml.crypto import (
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
