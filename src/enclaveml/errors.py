@@ -58,6 +58,7 @@ class EnclaveMLError(Exception):
     def about(self, subject: object) -> EnclaveMLError:
         """Prefix ``what`` with the file or object it concerns; returns ``self`` to re-raise."""
         self.what = f"{subject}: {self.what}"
+        self.args = (self.what, *self.args[1:])
         return self
 
     def diagnostics(self) -> str:
