@@ -12,6 +12,7 @@ from rich.markup import escape
 from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
 from enclaveml.cli.datagen_cmds import datagen
+from enclaveml.cli.enclave_cmds import enclave
 from enclaveml.cli.file_cmds import decrypt, encrypt, inspect, rewrap
 from enclaveml.cli.kms_cmds import kms
 from enclaveml.errors import ConfigError, EnclaveMLError
@@ -50,6 +51,7 @@ cli.add_command(decrypt)
 cli.add_command(inspect)
 cli.add_command(rewrap)
 cli.add_command(datagen)
+cli.add_command(enclave)
 
 
 def _fail(message: str, code: int) -> int:
@@ -57,9 +59,22 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _root_debug_flag(args: list[str]) -> bool:
+    """Whether ``--debug`` was given to the root command (a subcommand may own a ``--debug``)."""
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--debug":
+            return True
+        if arg == "--home":
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; every failure is one line on stderr and a distinct exit code."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    debug = _root_debug_flag(argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="enclaveml", standalone_mode=False)
     except click.exceptions.Abort:
