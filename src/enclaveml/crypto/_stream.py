@@ -65,12 +65,12 @@ class SegmentCipher:
         return bytes(out)
 
 
-def _fill(source: BinaryIO, buf: bytearray) -> int:
-    """Read until ``buf`` is full or the stream ends; pipes may return short reads."""
-    view = memoryview(buf)
+def _fill(source: BinaryIO, view: memoryview) -> int:
+    """Read until ``view`` is full or the stream ends; pipes may return short reads."""
     filled = 0
-    while filled < len(buf):
-        got = source.readinto(view[filled:])  # type: ignore[attr-defined]
+    want = len(view)
+    while filled < want:
+        got = source.readinto(view[filled:] if filled else view)  # type: ignore[attr-defined]
         if not got:
             break
         filled += got
@@ -80,25 +80,31 @@ def _fill(source: BinaryIO, buf: bytearray) -> int:
 def encrypt_stream(cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None) -> int:
     """Encrypt all of ``source`` into ``sink`` (segments only; the caller writes the header).
 
-    Reads one segment ahead so it knows which segment is the last. Returns plaintext bytes.
+    Reads one byte past each segment so it knows which segment is the last: the buffer
+    holds a segment plus that byte, which then starts the next segment. One input buffer
+    (not two alternating ones) keeps each segment in cache between its read and its
+    encryption. Returns plaintext bytes.
     """
     size = cipher.segment_size
-    current, ahead = bytearray(size), bytearray(size)
-    out = bytearray(size + TAG_SIZE)
-    n_current = _fill(source, current)
+    buf = memoryview(bytearray(size + 1))
+    out = memoryview(bytearray(size + TAG_SIZE))
+    chunk, rest = buf[:size], buf[1:]
+    n = _fill(source, buf)
     index = total = 0
-    while True:
-        n_ahead = _fill(source, ahead) if n_current == size else 0
-        last = n_ahead == 0
-        cipher.seal_into(index, last, memoryview(current)[:n_current], memoryview(out)[: n_current + TAG_SIZE])
-        sink.write(memoryview(out)[: n_current + TAG_SIZE])
-        total += n_current
+    while n > size:
+        cipher.seal_into(index, False, chunk, out)
+        sink.write(out)
+        total += size
         if progress is not None:
-            progress(n_current)
-        if last:
-            return total
-        current, ahead, n_current = ahead, current, n_ahead
+            progress(size)
+        buf[0] = buf[size]
+        n = 1 + _fill(source, rest)
         index += 1
+    cipher.seal_into(index, True, buf[:n], out[: n + TAG_SIZE])
+    sink.write(out[: n + TAG_SIZE])
+    if progress is not None:
+        progress(n)
+    return total + n
 
 
 def decrypt_stream(cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, progress: Progress | None = None) -> int:
@@ -106,24 +112,29 @@ def decrypt_stream(cipher: SegmentCipher, source: BinaryIO, sink: BinaryIO, prog
 
     Each segment is written only after it verified. A failure in a later segment leaves the
     earlier plaintext in ``sink``: callers writing files must write to a temporary file.
+    Like ``encrypt_stream``, it reads one byte past each segment to learn which is the last.
     """
-    stored = cipher.segment_size + TAG_SIZE
-    current, ahead = bytearray(stored), bytearray(stored)
-    plain = bytearray(cipher.segment_size)
-    n_current = _fill(source, current)
-    if n_current == 0:
+    size = cipher.segment_size
+    stored = size + TAG_SIZE
+    buf = memoryview(bytearray(stored + 1))
+    plain = memoryview(bytearray(size))
+    segment, rest = buf[:stored], buf[1:]
+    n = _fill(source, buf)
+    if n == 0:
         raise FormatError("file is truncated: it has a header but no segments")
     index = total = 0
-    while True:
-        n_ahead = _fill(source, ahead) if n_current == stored else 0
-        last = n_ahead == 0
-        n_plain = max(0, n_current - TAG_SIZE)
-        cipher.open_into(index, last, memoryview(current)[:n_current], memoryview(plain)[:n_plain])
-        sink.write(memoryview(plain)[:n_plain])
-        total += n_plain
+    while n > stored:
+        cipher.open_into(index, False, segment, plain)
+        sink.write(plain)
+        total += size
         if progress is not None:
-            progress(n_current)
-        if last:
-            return total
-        current, ahead, n_current = ahead, current, n_ahead
+            progress(stored)
+        buf[0] = buf[stored]
+        n = 1 + _fill(source, rest)
         index += 1
+    n_plain = max(0, n - TAG_SIZE)
+    cipher.open_into(index, True, buf[:n], plain[:n_plain])
+    sink.write(plain[:n_plain])
+    if progress is not None:
+        progress(n)
+    return total + n_plain
