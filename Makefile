@@ -28,6 +28,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_crypto.py
+	$(BIN)/python benchmarks/bench_attestation.py
 
 vectors: $(STAMP)
 	$(BIN)/python scripts/make_eml_vectors.py

@@ -2,13 +2,16 @@
 
 From one run on one machine it prints:
 
-1. In memory, pinned to one core: ``encrypt_stream`` / ``decrypt_stream`` over a
-   ``BytesIO`` buffer into a sink that discards, against two baselines at the same segment
-   size: ``openssl speed -evp aes-256-gcm`` and raw ``cryptography`` AESGCM calls on one
-   segment-sized buffer (``encrypt`` and ``encrypt_into``, the faster counts). The faster
-   baseline is the limit. For reference it also times raw calls over consecutive segments
-   of the same large buffer (no copy: what memory bandwidth allows). The sweep over
-   16 KiB to 1 MiB segments backs or corrects the default segment size.
+1. In memory, pinned to one core: the container over a ``--mem-mib`` buffer
+   (``seal_buffer`` / ``open_buffer``, the core of ``encrypt_bytes`` / ``decrypt_bytes``,
+   with a prepared cipher: the one KMS wrap is left out) into a preallocated output, against
+   two baselines: ONE raw ``cryptography`` AESGCM ``encrypt_into`` / ``decrypt_into`` call
+   over the same whole buffer into a preallocated output (both read and write DRAM), and
+   ``openssl speed -evp aes-256-gcm`` at the segment size. The faster baseline is the
+   limit. References only: raw calls repeated on one cache-hot segment-sized buffer, the
+   stream path (``encrypt_stream`` / ``decrypt_stream`` from a ``BytesIO``, what files
+   use), and the public ``encrypt_bytes`` / ``decrypt_bytes`` calls. The sweep over 16 KiB
+   to 1 MiB segments backs or corrects the default segment size.
 2. File to file: ``encrypt_file`` / ``decrypt_file`` of a ``--size-mib`` file against a
    plain ``cp`` of it, each in a fresh process so that its peak RSS is its own; once into
    the page cache ("cached") and once including an fsync of the output ("durable"). Each
@@ -36,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -46,9 +50,16 @@ import cryptography
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclaveml.crypto import DEFAULT_SEGMENT_SIZE, BoundHeader
+from enclaveml.crypto import DEFAULT_SEGMENT_SIZE, BoundHeader, decrypt_bytes, encrypt_bytes
 from enclaveml.crypto._format import TAG_SIZE
-from enclaveml.crypto._stream import SegmentCipher, decrypt_stream, encrypt_stream, segment_nonce
+from enclaveml.crypto._stream import (
+    SegmentCipher,
+    decrypt_stream,
+    encrypt_stream,
+    open_buffer,
+    seal_buffer,
+    sealed_size,
+)
 from enclaveml.kms import SCRYPT_FAST_FOR_TESTS, LocalKms
 
 KIB = 1024
@@ -159,19 +170,10 @@ def machine() -> dict[str, str]:
 
 
 class Discard:
-    """A sink that counts and drops what it is given (or compares it with ``expect``)."""
-
-    def __init__(self, expect: bytes | None = None) -> None:
-        self.count = 0
-        self.expect = expect
-        self.matches = True
+    """A sink that drops what it is given (the stream path's output)."""
 
     def write(self, data: memoryview) -> int:
-        n = len(data)
-        if self.expect is not None and self.expect[self.count : self.count + n] != data:
-            self.matches = False
-        self.count += n
-        return n
+        return len(data)
 
 
 def rate(run: Callable[[], object], nbytes: int, min_time: float) -> float:
@@ -201,112 +203,101 @@ def openssl_speed(segment: int, decrypt: bool) -> float | None:
     return float(lines[-1].split()[-1][:-1]) * 1000  # "AES-256-GCM  5088215.04k": 1000s of bytes/s
 
 
-def raw_encrypt(aead: AESGCM, nonce: bytes, buf: bytearray, aad: bytes, calls: int) -> None:
-    encrypt = aead.encrypt
-    for _ in range(calls):
-        encrypt(nonce, buf, aad)
-
-
-def raw_encrypt_into(aead: AESGCM, nonce: bytes, buf: bytearray, aad: bytes, out: bytearray, calls: int) -> None:
-    encrypt_into = aead.encrypt_into
-    for _ in range(calls):
-        encrypt_into(nonce, buf, aad, out)
-
-
-def raw_decrypt(aead: AESGCM, nonce: bytes, sealed: bytes, aad: bytes, calls: int) -> None:
-    decrypt = aead.decrypt
-    for _ in range(calls):
-        decrypt(nonce, sealed, aad)
-
-
-def raw_decrypt_into(aead: AESGCM, nonce: bytes, sealed: bytes, aad: bytes, out: bytearray, calls: int) -> None:
-    decrypt_into = aead.decrypt_into
-    for _ in range(calls):
-        decrypt_into(nonce, sealed, aad, out)
-
-
-def buffer_encrypt(
-    aead: AESGCM, nonces: list[bytes], data: memoryview, segment: int, aad: bytes, out: bytearray
+def repeat(
+    call: Callable[..., object], nonce: bytes, buf: bytes | bytearray, aad: bytes, out: bytearray, calls: int
 ) -> None:
-    encrypt_into = aead.encrypt_into
-    for index, offset in enumerate(range(0, len(data), segment)):
-        encrypt_into(nonces[index], data[offset : offset + segment], aad, out)
+    """``calls`` raw calls on the same (cache-hot) segment-sized buffer."""
+    for _ in range(calls):
+        call(nonce, buf, aad, out)
 
 
-def buffer_decrypt(
-    aead: AESGCM, nonces: list[bytes], data: memoryview, stored: int, aad: bytes, out: bytearray
-) -> None:
-    decrypt_into = aead.decrypt_into
-    for index, offset in enumerate(range(0, len(data), stored)):
-        decrypt_into(nonces[index], data[offset : offset + stored], aad, out)
-
-
-def container_encrypt(cipher: SegmentCipher, data: bytes) -> None:
+def stream_encrypt(cipher: SegmentCipher, data: bytes) -> None:
     encrypt_stream(cipher, io.BytesIO(data), Discard())  # type: ignore[arg-type]
 
 
-def container_decrypt(cipher: SegmentCipher, data: bytes) -> None:
-    decrypt_stream(cipher, io.BytesIO(data), Discard())  # type: ignore[arg-type]
+def stream_decrypt(cipher: SegmentCipher, sealed: bytes) -> None:
+    decrypt_stream(cipher, io.BytesIO(sealed), Discard())  # type: ignore[arg-type]
 
 
 Series = dict[str, list[float]]  # measurement name -> one value per round
+Job = tuple[str, Callable[[], float | None]]
 
 
-def bench_memory(data: bytes, rounds: int, min_time: float, cpu: int) -> dict[int, Series]:
-    """Per segment size, per round: every baseline and the container, encrypt and decrypt."""
+def bench_memory(data: bytes, rounds: int, min_time: float, workdir: Path) -> dict[int, Series]:
+    """Per segment size and round: the container, its baselines and references, both ways.
+
+    All buffers are allocated (and so faulted in) before the clock starts. ``whole`` and
+    ``EML`` read the same ``data`` and write into the same output buffers.
+    """
+    n = len(data)
     key = os.urandom(32)
     aead = AESGCM(key)
-    jobs: dict[int, list[tuple[str, Callable[[], float | None]]]] = {}
+    source = memoryview(data)
+    sealed_out = bytearray(sealed_size(min(SWEEP), n))  # the largest payload of the sweep
+    plain_out = bytearray(n)
+    nonce = os.urandom(12)
+    whole_aad = os.urandom(64)  # about the size of a bound header
+    whole_sealed = aead.encrypt(nonce, source, whole_aad)  # the input of the one-call decrypt baseline
+    jobs: dict[int, list[Job]] = {}
     for segment in SWEEP:
         header = BoundHeader.create(
             segment_size=segment, nonce_prefix=os.urandom(7), kms_name="local", key_id="k-0123456789abcdef", context={}
         )
-        cipher = SegmentCipher(key, header)
-        aad = header.raw
-        calls = len(data) // segment
-        nonces = [segment_nonce(header.nonce_prefix, i, i == calls - 1) for i in range(calls)]
+        cipher, aad = SegmentCipher(key, header), header.raw
+        eml_out = memoryview(sealed_out)[: sealed_size(segment, n)]
+        seal_buffer(cipher, source, eml_out)
+        sealed = bytes(eml_out)
         collect = io.BytesIO()
         encrypt_stream(cipher, io.BytesIO(data), collect)
-        sealed_stream = collect.getvalue()
-        check = Discard(expect=data)
-        decrypt_stream(cipher, io.BytesIO(sealed_stream), check)  # type: ignore[arg-type]
-        if not (check.matches and check.count == len(data)):
+        open_buffer(cipher, memoryview(sealed), memoryview(plain_out))
+        if collect.getvalue() != sealed or plain_out != data:
             raise SystemExit(f"in-memory round trip failed at segment size {segment}")
-        buf = bytearray(data[:segment])
-        out = bytearray(segment + TAG_SIZE)
-        plain = bytearray(segment)
-        nonce = nonces[0]
-        sealed = aead.encrypt(nonce, buf, aad)
-        n = len(data)
+        del collect
+        hot_in = bytearray(data[:segment])
+        hot_out = bytearray(segment + TAG_SIZE)
+        hot_plain = bytearray(segment)
+        hot_sealed = aead.encrypt(nonce, hot_in, aad)
+        whole_out = memoryview(sealed_out)[: n + TAG_SIZE]
+        calls = n // segment
         jobs[segment] = [
             ("openssl enc", partial(openssl_speed, segment, False)),
-            ("raw encrypt", partial(rate, partial(raw_encrypt, aead, nonce, buf, aad, calls), n, min_time)),
+            ("whole enc", partial(rate, partial(aead.encrypt_into, nonce, source, whole_aad, whole_out), n, min_time)),
             (
-                "raw encrypt_into",
-                partial(rate, partial(raw_encrypt_into, aead, nonce, buf, aad, out, calls), n, min_time),
+                "hot enc",
+                partial(rate, partial(repeat, aead.encrypt_into, nonce, hot_in, aad, hot_out, calls), n, min_time),
             ),
-            (
-                "buffer enc",
-                partial(rate, partial(buffer_encrypt, aead, nonces, memoryview(data), segment, aad, out), n, min_time),
-            ),
-            ("container enc", partial(rate, partial(container_encrypt, cipher, data), n, min_time)),
+            ("EML enc", partial(rate, partial(seal_buffer, cipher, source, eml_out), n, min_time)),
+            ("stream enc", partial(rate, partial(stream_encrypt, cipher, data), n, min_time)),
             ("openssl dec", partial(openssl_speed, segment, True)),
-            ("raw decrypt", partial(rate, partial(raw_decrypt, aead, nonce, sealed, aad, calls), n, min_time)),
             (
-                "raw decrypt_into",
-                partial(rate, partial(raw_decrypt_into, aead, nonce, sealed, aad, plain, calls), n, min_time),
+                "whole dec",
+                partial(rate, partial(aead.decrypt_into, nonce, whole_sealed, whole_aad, plain_out), n, min_time),
             ),
             (
-                "buffer dec",
+                "hot dec",
                 partial(
-                    rate,
-                    partial(buffer_decrypt, aead, nonces, memoryview(sealed_stream), segment + TAG_SIZE, aad, plain),
-                    n,
-                    min_time,
+                    rate, partial(repeat, aead.decrypt_into, nonce, hot_sealed, aad, hot_plain, calls), n, min_time
                 ),
             ),
-            ("container dec", partial(rate, partial(container_decrypt, cipher, sealed_stream), n, min_time)),
+            (
+                "EML dec",
+                partial(rate, partial(open_buffer, cipher, memoryview(sealed), memoryview(plain_out)), n, min_time),
+            ),
+            ("stream dec", partial(rate, partial(stream_decrypt, cipher, sealed), n, min_time)),
         ]
+    # The public calls, at the default segment size: also one KMS wrap or unwrap, and a new output each time;
+    # next to them, one raw encrypt / decrypt over the whole buffer, which also returns a new output.
+    kms = LocalKms.init(workdir / "keystore.json", PASSPHRASE, kdf=SCRYPT_FAST_FOR_TESTS)
+    kms.create_key(KEY)
+    blob = encrypt_bytes(data, kms, KEY)
+    if decrypt_bytes(blob, kms) != data:
+        raise SystemExit("encrypt_bytes / decrypt_bytes round trip failed")
+    jobs[DEFAULT_SEGMENT_SIZE] += [
+        ("API enc", partial(rate, partial(encrypt_bytes, data, kms, KEY), n, min_time)),
+        ("API dec", partial(rate, partial(decrypt_bytes, blob, kms), n, min_time)),
+        ("fresh enc", partial(rate, partial(aead.encrypt, nonce, source, whole_aad), n, min_time)),
+        ("fresh dec", partial(rate, partial(aead.decrypt, nonce, whole_sealed, whole_aad), n, min_time)),
+    ]
     results: dict[int, Series] = {segment: {name: [] for name, _ in jobs[segment]} for segment in SWEEP}
     for round_no in range(rounds):
         for segment in SWEEP:
@@ -314,12 +305,11 @@ def bench_memory(data: bytes, rounds: int, min_time: float, cpu: int) -> dict[in
             for name, job in order:
                 value = job()
                 results[segment][name].append(float("nan") if value is None else value)
-            r = results[segment]
-            raw_enc = max(r["raw encrypt"][-1], r["raw encrypt_into"][-1])
+            r = {name: gbps(values[-1]).strip() for name, values in results[segment].items()}
             say(
-                f"  round {round_no + 1}/{rounds} {size_name(segment):>7}: EML enc {gbps(r['container enc'][-1])},"
-                f" dec {gbps(r['container dec'][-1])}; raw enc {gbps(raw_enc)};"
-                f" openssl enc {gbps(r['openssl enc'][-1])} GB/s"
+                f"  round {round_no + 1}/{rounds} {size_name(segment):>7}: EML enc {r['EML enc']}, dec {r['EML dec']};"
+                f" whole enc {r['whole enc']}, dec {r['whole dec']}; openssl enc {r['openssl enc']},"
+                f" dec {r['openssl dec']} GB/s"
             )
     return results
 
@@ -334,6 +324,10 @@ def ratios(candidate: list[float], baseline: list[float]) -> float:
     return median([c / b for c, b in zip(candidate, baseline, strict=True)])
 
 
+def ratio_text(value: float) -> str:
+    return f"{value:.3f}" if value == value else "n/a"
+
+
 def table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths], *rows]:
@@ -344,51 +338,65 @@ def report_memory(results: dict[int, Series], mem_mib: int, rounds: int, cpu: in
     say(f"\n== In memory: one core (cpu {cpu}), {mem_mib} MiB buffer, {rounds} rounds ==")
     say("GB/s: medians over rounds; ratios: medians of per-round ratios")
     summary: dict[str, float] = {}
-    for op, raw_a, raw_b in (("enc", "raw encrypt", "raw encrypt_into"), ("dec", "raw decrypt", "raw decrypt_into")):
+    for op in ("enc", "dec"):
         say(f"\n{'encrypt' if op == 'enc' else 'decrypt'}:")
-        header = ["segment", "openssl", raw_a[4:], raw_b[4:], "buffer", "EML", "EML/faster", "EML/raw", "EML/buffer"]
         rows = []
         for segment in SWEEP:
             r = results[segment]
-            raw = best(r[raw_a], r[raw_b])
-            limit = best(raw, r[f"openssl {op}"])
-            container = r[f"container {op}"]
-            summary[f"{op} {segment} vs limit"] = ratios(container, limit)
-            summary[f"{op} {segment} vs raw"] = ratios(container, raw)
-            summary[f"{op} {segment} vs buffer"] = ratios(container, r[f"buffer {op}"])
-            openssl = r[f"openssl {op}"]
+            limit = best(r[f"whole {op}"], r[f"openssl {op}"])
+            for name, series in (("EML", r[f"EML {op}"]), ("stream", r[f"stream {op}"])):
+                summary[f"{op} {segment} {name} vs limit"] = ratios(series, limit)
+                for base in ("whole", "openssl", "hot"):
+                    summary[f"{op} {segment} {name} vs {base}"] = ratios(series, r[f"{base} {op}"])
             rows.append(
                 [
                     size_name(segment),
-                    gbps(median(openssl)) if all(v == v for v in openssl) else "n/a",
-                    gbps(median(r[raw_a])),
-                    gbps(median(r[raw_b])),
-                    gbps(median(r[f"buffer {op}"])),
-                    gbps(median(container)),
-                    *(f"{summary[f'{op} {segment} vs {b}']:.3f}" for b in ("limit", "raw", "buffer")),
+                    *(gbps(median(r[f"{name} {op}"])) for name in ("openssl", "whole", "hot", "EML")),
+                    *(ratio_text(summary[f"{op} {segment} EML vs {b}"]) for b in ("limit", "whole", "openssl", "hot")),
+                    gbps(median(r[f"stream {op}"])),
+                    ratio_text(summary[f"{op} {segment} stream vs limit"]),
                 ]
             )
-        table(header, rows)
+        header = ["segment", "openssl", "whole", "hot", "EML", "EML/limit", "EML/whole", "EML/openssl", "EML/hot"]
+        table([*header, "stream", "stream/limit"], rows)
     say(
-        "\nopenssl: `openssl speed -evp aes-256-gcm -bytes S -seconds 1` (system OpenSSL). encrypt, encrypt_into, ...:"
-        "\nraw AESGCM calls, one per segment, on one S-byte buffer. buffer: raw *_into calls over the consecutive"
-        "\nsegments of the big buffer (no copy; reference only). EML: encrypt_stream / decrypt_stream from BytesIO"
-        "\ninto a discarding sink. faster: per round, the faster of openssl and the best raw call."
+        "\nEML: seal_buffer / open_buffer (the core of encrypt_bytes / decrypt_bytes) with a prepared cipher,"
+        "\nfrom the big buffer into a preallocated output. whole: ONE raw AESGCM encrypt_into / decrypt_into"
+        "\nover that same whole buffer (for decrypt: its one-call sealing) into a preallocated output. openssl:"
+        "\n`openssl speed -evp aes-256-gcm -bytes S -seconds 1` (system OpenSSL). limit: per round, the faster"
+        "\nof whole and openssl."
+        "\nReferences, not baselines: hot = raw *_into calls repeated on one S-byte buffer that stays in cache;"
+        "\nstream = encrypt_stream / decrypt_stream from a BytesIO into a discarding sink (what files use)."
     )
-    say("\nSegment-size sweep (EML speed at S relative to EML at the 256 KiB default: median of per-round ratios):")
+    say(
+        "\nSegment-size sweep (speed at S relative to the same path at the 256 KiB default;"
+        " medians of per-round ratios):"
+    )
     rows = []
     for segment in SWEEP:
         r, d = results[segment], results[DEFAULT_SEGMENT_SIZE]
         cells = [size_name(segment)]
         for op in ("enc", "dec"):
-            summary[f"{op} {segment} vs default"] = ratios(r[f"container {op}"], d[f"container {op}"])
-            cells += [
-                gbps(median(r[f"container {op}"])),
-                f"{summary[f'{op} {segment} vs default']:.3f}",
-                f"{summary[f'{op} {segment} vs raw']:.3f}",
-            ]
+            for name in ("EML", "stream"):
+                cells += [gbps(median(r[f"{name} {op}"])), f"{ratios(r[f'{name} {op}'], d[f'{name} {op}']):.3f}"]
         rows.append(cells)
-    table(["segment", "EML enc GB/s", "enc vs 256K", "enc/raw", "EML dec GB/s", "dec vs 256K", "dec/raw"], rows)
+    header = ["segment", "EML enc", "vs 256K", "stream enc", "vs 256K", "EML dec", "vs 256K", "stream dec", "vs 256K"]
+    table(header, rows)
+    d = results[DEFAULT_SEGMENT_SIZE]
+    say(
+        "\nPublic calls at 256 KiB, each returning a new output buffer (so paying its page faults), against one"
+        "\nraw AESGCM encrypt / decrypt over the whole buffer, which does too:"
+    )
+    rows = [
+        [
+            "encrypt" if op == "enc" else "decrypt",
+            gbps(median(d[f"API {op}"])),
+            gbps(median(d[f"fresh {op}"])),
+            f"{ratios(d[f'API {op}'], d[f'fresh {op}']):.3f}",
+        ]
+        for op in ("enc", "dec")
+    ]
+    table(["operation", "encrypt_bytes / decrypt_bytes", "raw call, new output", "ratio"], rows)
     return summary
 
 
@@ -585,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.mem_mib, args.size_mib, args.rounds, args.file_reps) < 1:
         parser.error("--mem-mib, --size-mib, --rounds and --file-reps must be at least 1")
+    if args.mem_mib >= 2048:
+        parser.error("--mem-mib must be below 2048: one AESGCM call takes at most 2^31 - 1 bytes")
 
     info = machine()
     say("== Machine ==")
@@ -602,16 +612,18 @@ def main(argv: list[str] | None = None) -> int:
         say(f"\nIn memory ({args.rounds} rounds x {len(SWEEP)} segment sizes)...")
         data = os.urandom(args.mem_mib * MIB)
         try:
-            results = bench_memory(data, args.rounds, args.min_time, cpu)
+            with tempfile.TemporaryDirectory() as tmp:
+                results = bench_memory(data, args.rounds, args.min_time, Path(tmp))
         finally:
             os.sched_setaffinity(0, allowed)
         del data
         mem = report_memory(results, args.mem_mib, args.rounds, cpu)
         for op in ("enc", "dec"):
-            value = mem[f"{op} {DEFAULT_SEGMENT_SIZE} vs limit"]
+            value = mem[f"{op} {DEFAULT_SEGMENT_SIZE} EML vs limit"]
             goals.append(
                 f"{verdict(value >= GOAL_MEMORY)}  in-memory {'encrypt' if op == 'enc' else 'decrypt'} at 256 KiB:"
-                f" {value:.3f} of the faster baseline (goal >= {GOAL_MEMORY})"
+                f" {value:.3f} of the faster of one raw call over the whole buffer and openssl speed"
+                f" (goal >= {GOAL_MEMORY})"
             )
 
     if args.part in ("all", "files"):

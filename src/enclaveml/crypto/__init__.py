@@ -3,7 +3,7 @@
 Example, with the embedded key store::
 
     from pathlib import Path
-    from enclaveml.crypto import encrypt_file, decrypt_file, open_reader
+    from enclaveml.crypto import decrypt_bytes, decrypt_file, encrypt_bytes, encrypt_file, open_reader
     from enclaveml.kms import LocalKms, SCRYPT_FAST_FOR_TESTS
     from datetime import UTC, datetime
 
@@ -14,6 +14,8 @@ Example, with the embedded key store::
     decrypt_file("/tmp/a.csv.eml", "/tmp/b.csv", kms, context={"tenant": "acme"})
     with open_reader("/tmp/a.csv.eml", kms, context={"tenant": "acme"}) as reader:
         assert reader.pread(9, 3) == b"ann"
+    blob = encrypt_bytes(b"model weights", kms, "customers")  # the same file bytes, in memory
+    assert decrypt_bytes(blob, kms) == b"model weights"
 
 The format is specified in ``docs/format.md``.
 """
@@ -24,8 +26,10 @@ from enclaveml.crypto._envelope import (
     KeyReference,
     KeyWrapper,
     WrappedKey,
+    decrypt_bytes,
     decrypt_file,
     describe_file,
+    encrypt_bytes,
     encrypt_file,
     rewrap_file,
 )
@@ -52,8 +56,10 @@ __all__ = [
     "KeyReference",
     "KeyWrapper",
     "WrappedKey",
+    "decrypt_bytes",
     "decrypt_file",
     "describe_file",
+    "encrypt_bytes",
     "encrypt_file",
     "open_reader",
     "rewrap_file",

@@ -7,12 +7,15 @@ header. The KMS is anything with the three methods of ``KeyWrapper`` (every
 
 Outputs named by a path are written to a temporary file and renamed only after the last
 segment verified: a failed decryption leaves no file behind. A stream output (stdout)
-cannot be taken back; see ``decrypt_file``.
+cannot be taken back; see ``decrypt_file``. ``encrypt_bytes`` / ``decrypt_bytes`` do the
+same for a buffer in memory (a model, an Arrow buffer): the same file bytes, each segment
+sealed or opened straight into one output buffer, nothing returned unless all verified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -22,6 +25,8 @@ from typing import BinaryIO, Protocol
 from enclaveml._atomic import atomic_output
 from enclaveml.crypto._format import (
     DEFAULT_SEGMENT_SIZE,
+    MAX_DESCRIPTOR,
+    MAX_ENVELOPE,
     NONCE_PREFIX_SIZE,
     BoundHeader,
     Envelope,
@@ -30,7 +35,16 @@ from enclaveml.crypto._format import (
     layout,
     read_header,
 )
-from enclaveml.crypto._stream import Progress, SegmentCipher, decrypt_stream, encrypt_stream
+from enclaveml.crypto._stream import (
+    Progress,
+    SegmentCipher,
+    decrypt_stream,
+    encrypt_stream,
+    open_buffer,
+    opened_size,
+    seal_buffer,
+    sealed_size,
+)
 from enclaveml.errors import ContextMismatch, KeyNotFound
 
 __all__ = [
@@ -41,8 +55,10 @@ __all__ = [
     "Source",
     "WrappedKey",
     "check_context",
+    "decrypt_bytes",
     "decrypt_file",
     "describe_file",
+    "encrypt_bytes",
     "encrypt_file",
     "open_data_key",
     "rewrap_file",
@@ -50,6 +66,8 @@ __all__ = [
 
 DATA_KEY_SIZE = 32
 Source = str | os.PathLike[str] | BinaryIO
+Buffer = bytes | bytearray | memoryview
+_MAX_HEADER_SIZE = 23 + MAX_DESCRIPTOR + 2 + MAX_ENVELOPE  # section 2: fixed fields, descriptor, envelope
 
 
 @dataclass(frozen=True)
@@ -118,6 +136,31 @@ def open_data_key(header: Header, kms: KeyWrapper) -> bytes:
     return kms.unwrap_data_key(wrapped, header.bound.raw)
 
 
+def _new_file(
+    kms: KeyWrapper,
+    key: str,
+    context: Mapping[str, str] | None,
+    segment_size: int,
+    data_key: bytes | None,
+    nonce_prefix: bytes | None,
+) -> tuple[Header, SegmentCipher]:
+    """A new file's header, its data key wrapped by the KMS, and the cipher for its segments."""
+    ref = kms.describe_key(key)
+    bound = BoundHeader.create(
+        segment_size=segment_size,
+        nonce_prefix=nonce_prefix if nonce_prefix is not None else os.urandom(NONCE_PREFIX_SIZE),
+        kms_name=ref.kms,
+        key_id=ref.key_id,
+        context=context or {},
+    )
+    if data_key is None:
+        data_key = os.urandom(DATA_KEY_SIZE)
+    wrapped = kms.wrap_data_key(ref.key_id, data_key, bound.raw)
+    if (wrapped.kms, wrapped.key_id) != (ref.kms, ref.key_id):
+        raise KeyNotFound(f"the KMS wrapped with key {wrapped.key_id}, not the requested {ref.key_id}")
+    return Header(bound, Envelope(wrapped.key_version, wrapped.ciphertext)), SegmentCipher(data_key, bound)
+
+
 def encrypt_file(
     source: Source,
     destination: Source,
@@ -135,20 +178,7 @@ def encrypt_file(
     ``_data_key`` and ``_nonce_prefix`` exist only to produce known-answer vectors; real
     callers never pass them (section 5: both are fresh and random for every file).
     """
-    ref = kms.describe_key(key)
-    bound = BoundHeader.create(
-        segment_size=segment_size,
-        nonce_prefix=_nonce_prefix if _nonce_prefix is not None else os.urandom(NONCE_PREFIX_SIZE),
-        kms_name=ref.kms,
-        key_id=ref.key_id,
-        context=context or {},
-    )
-    data_key = _data_key if _data_key is not None else os.urandom(DATA_KEY_SIZE)
-    wrapped = kms.wrap_data_key(ref.key_id, data_key, bound.raw)
-    if (wrapped.kms, wrapped.key_id) != (ref.kms, ref.key_id):
-        raise KeyNotFound(f"the KMS wrapped with key {wrapped.key_id}, not the requested {ref.key_id}")
-    header = Header(bound, Envelope(wrapped.key_version, wrapped.ciphertext))
-    cipher = SegmentCipher(data_key, bound)
+    header, cipher = _new_file(kms, key, context, segment_size, _data_key, _nonce_prefix)
     with _opened(source, "rb") as src, _output(destination) as dst:
         dst.write(header.encode())
         encrypt_stream(cipher, src, dst, progress)
@@ -176,6 +206,59 @@ def decrypt_file(
         with _output(destination) as dst:
             decrypt_stream(cipher, src, dst, progress)
     return header
+
+
+def _byte_view(data: Buffer) -> memoryview:
+    """``data`` as a flat view of bytes, without copying it."""
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise ValueError("the buffer must be contiguous")
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def encrypt_bytes(
+    data: Buffer,
+    kms: KeyWrapper,
+    key: str,
+    *,
+    context: Mapping[str, str] | None = None,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    _data_key: bytes | None = None,
+    _nonce_prefix: bytes | None = None,
+) -> bytearray:
+    """Encrypt a buffer in memory into the bytes of an EML file, under primary key ``key``.
+
+    The result is exactly what ``encrypt_file`` would write for the same plaintext (and
+    ``decrypt_file`` reads it). ``data`` may be anything contiguous that supports the buffer
+    protocol; it is read in place, and each segment is sealed straight into the returned
+    bytearray (returned as is: turning it into ``bytes`` would copy it once more).
+    ``_data_key`` and ``_nonce_prefix`` are for known-answer tests only, as in ``encrypt_file``.
+    """
+    view = _byte_view(data)
+    header, cipher = _new_file(kms, key, context, segment_size, _data_key, _nonce_prefix)
+    head = header.encode()
+    out = bytearray(len(head) + sealed_size(segment_size, len(view)))
+    out[: len(head)] = head
+    with memoryview(out) as whole:
+        seal_buffer(cipher, view, whole[len(head) :])
+    return out
+
+
+def decrypt_bytes(blob: Buffer, kms: KeyWrapper, *, context: Mapping[str, str] | None = None) -> bytearray:
+    """Verify and decrypt the bytes of an EML file held in memory; returns the plaintext.
+
+    Same checks and errors as ``decrypt_file``, in the same order (header, context, key
+    unwrap, then the segments). The plaintext is returned only if every segment verified.
+    """
+    view = _byte_view(blob)
+    header = read_header(io.BytesIO(view[:_MAX_HEADER_SIZE]))
+    check_context(header.bound, context)
+    cipher = SegmentCipher(open_data_key(header, kms), header.bound)
+    payload = view[header.size :]
+    out = bytearray(opened_size(header.bound.segment_size, len(payload)))
+    with memoryview(out) as whole:
+        open_buffer(cipher, payload, whole)
+    return out
 
 
 @dataclass(frozen=True)
