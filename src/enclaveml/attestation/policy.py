@@ -29,13 +29,13 @@ from typing import Any, TypeVar
 from enclaveml.attestation.claims import Claims, TcbStatus, TeeType
 from enclaveml.errors import PolicyError
 
-__all__ = ["Decision", "Failure", "Policy", "PolicyViolation"]
+__all__ = ["GRAMINE_OPT_INS", "NEVER_ALLOWED", "SECURE_STATUSES", "Decision", "Failure", "Policy", "PolicyViolation"]
 
 logger = logging.getLogger("enclaveml.attestation")
 _E = TypeVar("_E", TeeType, TcbStatus)
 
-_NEVER_ALLOWED = (TcbStatus.REVOKED, TcbStatus.TCB_NOT_SUPPORTED, TcbStatus.SIMULATED)
-_SECURE_STATUSES = frozenset({TcbStatus.UP_TO_DATE, TcbStatus.SW_HARDENING_NEEDED})
+NEVER_ALLOWED = (TcbStatus.REVOKED, TcbStatus.TCB_NOT_SUPPORTED, TcbStatus.SIMULATED)
+SECURE_STATUSES = frozenset({TcbStatus.UP_TO_DATE, TcbStatus.SW_HARDENING_NEEDED})
 # Accepted byte lengths. mr_enclave: 32 = SGX MRENCLAVE (SHA-256), 48 = simulated measurement (SHA-384).
 _HEX_SIZES: dict[str, tuple[int, ...]] = {"mr_enclave": (32, 48), "mr_signer": (32,)}
 _HEX_SIZES |= dict.fromkeys(("mr_td", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "mr_config_id"), (48,))
@@ -47,7 +47,7 @@ _BOOLS = (
     "allow_simulation",
 )
 # Gramine's RA-TLS table (tee-formats.md §2.2): status -> every opt-in it needs.
-_GRAMINE_OPT_INS = {
+GRAMINE_OPT_INS = {
     TcbStatus.OUT_OF_DATE: ("allow_outdated_tcb_insecure",),
     TcbStatus.OUT_OF_DATE_CONFIGURATION_NEEDED: ("allow_outdated_tcb_insecure", "allow_hw_config_insecure"),
     TcbStatus.CONFIGURATION_NEEDED: ("allow_hw_config_insecure",),
@@ -138,7 +138,7 @@ class Policy:
         if TeeType.SIM in self.tee and not self.allow_simulation:
             raise PolicyError(f"policy {self.name}: `tee` lists sim", "set `allow_simulation = true` instead")
         for status in self.allowed_tcb_statuses:
-            if status in _NEVER_ALLOWED:
+            if status in NEVER_ALLOWED:
                 raise PolicyError(
                     f"policy {self.name}: TCB status {status} can never be allowed",
                     "remove it from `allowed_tcb_statuses`"
@@ -162,7 +162,7 @@ class Policy:
     @property
     def tcb_statuses(self) -> frozenset[TcbStatus]:
         """The statuses this policy accepts: the list plus the Gramine-style opt-ins."""
-        opted_in = {status for status, needs in _GRAMINE_OPT_INS.items() if all(getattr(self, n) for n in needs)}
+        opted_in = {status for status, needs in GRAMINE_OPT_INS.items() if all(getattr(self, n) for n in needs)}
         return frozenset(self.allowed_tcb_statuses) | opted_in
 
     # -- reading and writing -------------------------------------------------------------
@@ -292,15 +292,15 @@ class Policy:
     def _check_tcb(self, run: _Evaluation, claims: Claims, now: datetime) -> None:
         status = claims.tcb_status
         if status not in self.tcb_statuses:
-            knob = " with ".join(f"`{n} = true`" for n in _GRAMINE_OPT_INS.get(status, ()))
+            knob = " with ".join(f"`{n} = true`" for n in GRAMINE_OPT_INS.get(status, ()))
             hint = (
                 f"allow it with `allowed_tcb_statuses`{' or ' + knob if knob else ''}, or update the platform"
-                if status not in _NEVER_ALLOWED
+                if status not in NEVER_ALLOWED
                 else "this status can never be allowed; update the platform (microcode, BIOS, TCB recovery)"
             )
             allowed = _one_of(sorted(self.tcb_statuses, key=lambda s: s.severity))
             run.fail("tcb_status", "TCB status", allowed, str(status), hint)
-        elif status not in _SECURE_STATUSES:
+        elif status not in SECURE_STATUSES:
             run.weakened(f"TCB status {status}")
         expiry = claims.collateral_expiry
         if expiry is not None and expiry <= now:

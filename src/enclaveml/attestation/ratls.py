@@ -45,6 +45,7 @@ __all__ = [
     "PolicyCheck",
     "create_ratls_certificate",
     "extract_evidence",
+    "parse_evidence",
     "verify_ratls_certificate",
 ]
 
@@ -135,7 +136,7 @@ def create_ratls_certificate(
         evidence = evidence_for(report_data + bytes(32))
         if len(evidence) > MAX_EVIDENCE_SIZE:
             raise ValueError(f"evidence of {len(evidence)} bytes exceeds {MAX_EVIDENCE_SIZE}")
-        parsed = _parse_evidence(evidence, oid.dotted_string, "evidence")
+        parsed = parse_evidence(evidence, oid.dotted_string, "evidence")
         if parsed.kind != kind:
             raise ValueError(f"evidence_for returned {parsed.kind} evidence, not {kind}")
         if not hmac.compare_digest(parsed.report_data[:32], report_data):
@@ -194,7 +195,7 @@ def extract_evidence(cert: bytes | x509.Certificate) -> ExtractedEvidence:
     key_hash = hashlib.sha256(spki).digest()
     if TCG_TAGGED_EVIDENCE_OID in found:
         raw, claims = _parse_tcg_extension(found[TCG_TAGGED_EVIDENCE_OID])
-        evidence = _parse_evidence(raw, TCG_TAGGED_EVIDENCE_OID.dotted_string, "tcg_evidence")
+        evidence = parse_evidence(raw, TCG_TAGGED_EVIDENCE_OID.dotted_string, "tcg_evidence")
         alg_id, claimed = _parse_pubkey_hash_claim(claims)
         expected_key_hash = _HASH_BY_ALG_ID[alg_id](spki).digest()
         if not hmac.compare_digest(claimed, expected_key_hash):
@@ -209,7 +210,7 @@ def extract_evidence(cert: bytes | x509.Certificate) -> ExtractedEvidence:
                 "the certificate carries no RA-TLS evidence extension",
                 "the peer is not an RA-TLS endpoint; is it running inside the TEE?",
             )
-        evidence = _parse_evidence(found[oid], oid.dotted_string, "legacy_evidence")
+        evidence = parse_evidence(found[oid], oid.dotted_string, "legacy_evidence")
         binding, expected, claims = "report_data[0:32] = SHA-256(SPKI)", key_hash, None
     actual = evidence.report_data[:32]
     ok = hmac.compare_digest(actual, expected)
@@ -242,7 +243,7 @@ def _spki(key_of: x509.Certificate | ec.EllipticCurvePublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _parse_evidence(raw: bytes, oid: str, field_name: str) -> Evidence:
+def parse_evidence(raw: bytes, oid: str, field_name: str) -> Evidence:
     """Recognise the kind of ``raw`` and read its report data (tee-formats.md §1.2–1.4)."""
     if len(raw) > MAX_EVIDENCE_SIZE:
         raise EvidenceParseError(field_name, 0, f"evidence of {len(raw)} bytes exceeds {MAX_EVIDENCE_SIZE}")

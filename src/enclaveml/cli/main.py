@@ -11,10 +11,12 @@ from rich.markup import escape
 
 from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
+from enclaveml.cli.attest_cmds import attest
 from enclaveml.cli.datagen_cmds import datagen
 from enclaveml.cli.enclave_cmds import enclave
 from enclaveml.cli.file_cmds import decrypt, encrypt, inspect, rewrap
 from enclaveml.cli.kms_cmds import kms
+from enclaveml.cli.policy_cmds import policy
 from enclaveml.errors import ConfigError, EnclaveMLError
 
 __all__ = ["cli", "main"]
@@ -52,6 +54,8 @@ cli.add_command(inspect)
 cli.add_command(rewrap)
 cli.add_command(datagen)
 cli.add_command(enclave)
+cli.add_command(attest)
+cli.add_command(policy)
 
 
 def _fail(message: str, code: int) -> int:
