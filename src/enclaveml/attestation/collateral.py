@@ -47,6 +47,7 @@ __all__ = [
     "TcbLevel",
     "TdxModule",
     "TdxModuleIdentity",
+    "find_collateral_file",
     "load_collateral",
 ]
 
@@ -226,7 +227,7 @@ def load_collateral(path: str | Path) -> Collateral:
     """Load collateral from a JSON file, or a directory laid out as the module docstring says."""
     target = Path(path)
     if target.is_dir():
-        target = _collateral_file_in(target)
+        target = find_collateral_file(target)
     try:
         text = target.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -240,7 +241,8 @@ def load_collateral(path: str | Path) -> Collateral:
     return Collateral.from_dict(data)
 
 
-def _collateral_file_in(directory: Path) -> Path:
+def find_collateral_file(directory: Path) -> Path:
+    """The collateral JSON in ``directory``: ``collateral.json``, else the only ``*collateral.json``."""
     preferred = directory / "collateral.json"
     if preferred.is_file():
         return preferred

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from enclaveml._atomic import atomic_output
 from enclaveml._version import __version__
+from enclaveml.attestation.collateral import COLLATERAL_KEYS, find_collateral_file
 from enclaveml.errors import AttestationError, ConfigError
 
 __all__ = [
@@ -67,17 +68,6 @@ INTEL_PCS_URL = "https://api.trustedservices.intel.com"
 #: The CRL distribution point of the Intel SGX Root CA certificate.
 INTEL_ROOT_CA_CRL_URL = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
 
-COLLATERAL_KEYS = (
-    "pck_crl_issuer_chain",
-    "root_ca_crl",
-    "pck_crl",
-    "tcb_info_issuer_chain",
-    "tcb_info",
-    "tcb_info_signature",
-    "qe_identity_issuer_chain",
-    "qe_identity",
-    "qe_identity_signature",
-)
 _CHAIN_KEYS = ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "qe_identity_issuer_chain")
 _CRL_KEYS = ("root_ca_crl", "pck_crl")
 _SIGNATURE_KEYS = ("tcb_info_signature", "qe_identity_signature")
@@ -297,7 +287,7 @@ def load_collateral_file(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     if path.is_dir():
-        path = _collateral_file_in(path)
+        path = find_collateral_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -362,20 +352,6 @@ def _parse_collateral(text: str, *, source: str) -> tuple[dict[str, str], dateti
         if not _is_hex(collateral[key]):
             raise malformed(f"{key} is not hex")
     return collateral, earliest_next_update(collateral, source=source)
-
-
-def _collateral_file_in(directory: Path) -> Path:
-    fixed = directory / "collateral.json"
-    if fixed.is_file():
-        return fixed
-    candidates = sorted(directory.glob("*_collateral.json"))
-    if len(candidates) == 1:
-        return candidates[0]
-    found = "none" if not candidates else f"{len(candidates)}: " + ", ".join(p.name for p in candidates)
-    raise ConfigError(
-        f"{directory}: expected collateral.json or exactly one *_collateral.json, found {found}",
-        "pass the collateral file itself",
-    )
 
 
 def _read_cache(path: Path, now: datetime) -> dict[str, str] | None:
