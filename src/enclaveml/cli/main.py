@@ -13,10 +13,12 @@ from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
 from enclaveml.cli.attest_cmds import attest
 from enclaveml.cli.datagen_cmds import datagen
+from enclaveml.cli.doctor_cmds import doctor
 from enclaveml.cli.enclave_cmds import enclave
 from enclaveml.cli.file_cmds import decrypt, encrypt, inspect, rewrap
 from enclaveml.cli.kms_cmds import kms
 from enclaveml.cli.policy_cmds import policy
+from enclaveml.cli.secret_prov_cmds import secret_prov
 from enclaveml.errors import ConfigError, EnclaveMLError
 
 __all__ = ["cli", "main"]
@@ -56,6 +58,8 @@ cli.add_command(datagen)
 cli.add_command(enclave)
 cli.add_command(attest)
 cli.add_command(policy)
+cli.add_command(doctor)
+cli.add_command(secret_prov)
 
 
 def _fail(message: str, code: int) -> int:
