@@ -1,0 +1,405 @@
+"""The key broker's persistence: apps, primary keys, policies, nonces and the audit log.
+
+``BrokerStore(url, root_key)`` opens (and migrates) a SQLite or PostgreSQL database
+(``_database.py``) and checks the root key against the store's check value. Every method
+is one transaction; every enrollment, key creation and rotation, policy change, key
+release and refusal appends its audit entry (``audit.py``) *in the same transaction*, so
+the log and the state never disagree, even after ``kill -9``.
+
+It implements the :class:`~enclaveml.kms.KeyManagementService` protocol server-side (kms
+name ``broker``, wrapped data keys in the local KMS's format, ``crypto/_keywrap.py``).
+
+Refusals: methods that *refuse* (``verify_api_key``, ``consume_nonce``,
+``release_key_material``) record the refusal themselves and raise. Methods that return a
+verdict (``signing_key_for`` → None, ``remember_request_nonce`` → False) leave the refusal
+to the caller, which records it with :meth:`BrokerStore.record_refusal`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from enclaveml.attestation.policy import Policy
+from enclaveml.broker._database import WRITE_OPTION, as_utc, create_broker_engine, insert_ignore, redacted_url
+from enclaveml.broker._kms import BrokerKms
+from enclaveml.broker._nonces import REQUEST_NONCE_PURPOSE, BrokerNonces
+from enclaveml.broker.audit import AuditEntry, append_audit
+from enclaveml.broker.auth import derive_signing_key
+from enclaveml.broker.migrations import upgrade_to_head
+from enclaveml.broker.models import (
+    App,
+    AppRow,
+    AuditRow,
+    EnrolledApp,
+    KeyRow,
+    MetaRow,
+    PolicyKeyRow,
+    PolicyRecord,
+    PolicyRow,
+    Role,
+)
+from enclaveml.broker.root_key import RootKey, derive_root_key
+from enclaveml.errors import AuthError, ConfigError, KeyServiceError, KeyStoreCorrupted, PolicyError
+from enclaveml.kms.local import SCRYPT_DEFAULT, ScryptParams
+from enclaveml.runtime.session import ReleasedKey
+
+__all__ = ["REQUEST_NONCE_PURPOSE", "BrokerStore", "ReleaseRefused"]
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_POLICY_TEXT = 64 * 1024
+_DUMMY_APP = "a-0000000000000000"
+
+
+class ReleaseRefused(PolicyError):
+    """A key release was refused; ``reason`` is a stable code (``unknown_policy``,
+    ``policy_revoked``, ``unknown_key``, ``key_not_bound``)."""
+
+    def __init__(self, reason: str, what: str) -> None:
+        super().__init__(what, "register a policy that covers this key, or use the policy that does")
+        self.reason = reason
+
+
+@contextmanager
+def _reachable(url: str) -> Iterator[None]:
+    """Turn "cannot connect / cannot open the file" into one clear ``KeyServiceError``."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise KeyServiceError(
+            f"cannot open broker store {url}: {str(exc.orig).strip().splitlines()[0]}",
+            "check the database URL, that the server is up, and the file's permissions",
+        ) from None
+
+
+def _root_kdf(engine: Engine, kdf: ScryptParams) -> str | None:
+    """The store's ``root_kdf`` setting; a store without a root key yet gets one for ``kdf``."""
+    with sessionmaker(engine.execution_options(**{WRITE_OPTION: True})).begin() as session:
+        if session.get(MetaRow, "root_check") is None:
+            fresh = {"name": "scrypt", "log_n": kdf.log_n, "r": kdf.r, "p": kdf.p}
+            fresh["salt"] = base64.b64encode(os.urandom(16)).decode()
+            insert_ignore(session, MetaRow, name="root_kdf", value=json.dumps(fresh, sort_keys=True))
+        row = session.get(MetaRow, "root_kdf")
+        return None if row is None else row.value
+
+
+def _app(row: AppRow) -> App:
+    return App(row.app_id, row.name, Role(row.role), row.created, row.disabled)
+
+
+def _policy(session: Session, row: PolicyRow) -> PolicyRecord:
+    keys = session.scalars(select(PolicyKeyRow.key_id).where(PolicyKeyRow.policy_id == row.policy_id))
+    return PolicyRecord(row.policy_id, row.name, row.document, row.revoked, row.created, tuple(sorted(keys)))
+
+
+def _release_refusal(
+    session: Session, policy_id: str, policy: PolicyRow | None, key_name: str, key: KeyRow | None
+) -> ReleaseRefused | None:
+    if policy is None:
+        return ReleaseRefused("unknown_policy", f"no policy {policy_id!r}")
+    if policy.revoked:
+        return ReleaseRefused("policy_revoked", f"policy {policy.name} ({policy_id}) was revoked")
+    if key is None:
+        return ReleaseRefused("unknown_key", f"no key {key_name!r}")
+    if session.get(PolicyKeyRow, (policy_id, key.key_id)) is None:
+        return ReleaseRefused("key_not_bound", f"policy {policy.name} may not receive key {key.name}")
+    return None
+
+
+class BrokerStore(BrokerKms, BrokerNonces):
+    """The broker's database (module docstring). ``url``: ``sqlite:///PATH`` or ``postgresql://...``."""
+
+    kms_name = "broker"
+
+    def __init__(self, url: str, root_key: bytes) -> None:
+        self._root = RootKey(root_key)
+        self._url = redacted_url(url)
+        self._engine = create_broker_engine(url)
+        self._reads = sessionmaker(self._engine, expire_on_commit=False)
+        self._writes = sessionmaker(self._engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+        # Unknown apps are checked against these, so they cost what a known app costs.
+        self._dummy_hash = os.urandom(32)
+        self._dummy_sealed = self._root.seal(os.urandom(32), table="apps", row_id=_DUMMY_APP)
+        try:
+            with _reachable(self._url):
+                upgrade_to_head(self._engine)
+                self._check_root_key()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    @classmethod
+    def from_passphrase(cls, url: str, passphrase: str, *, kdf: ScryptParams = SCRYPT_DEFAULT) -> BrokerStore:
+        """Open a store whose root key is ``scrypt(passphrase)``; a new store records ``kdf`` and a salt."""
+        engine = create_broker_engine(url)
+        try:
+            with _reachable(redacted_url(url)):
+                upgrade_to_head(engine)
+                stored = _root_kdf(engine, kdf)
+        finally:
+            engine.dispose()
+        if stored is None:
+            raise ConfigError(f"broker store {redacted_url(url)} uses a root key file, not a passphrase")
+        try:
+            doc = json.loads(stored)
+            params, salt = ScryptParams(doc["log_n"], doc["r"], doc["p"]), base64.b64decode(doc["salt"])
+        except (ValueError, TypeError, KeyError):
+            raise KeyStoreCorrupted(f"broker store {redacted_url(url)} has a damaged root_kdf setting") from None
+        return cls(url, derive_root_key(passphrase, salt, params))
+
+    def _check_root_key(self) -> None:
+        check = self._root.check_value()
+        with self._writes.begin() as session:
+            insert_ignore(session, MetaRow, name="root_check", value=check)
+            stored = session.get_one(MetaRow, "root_check").value
+            by_passphrase = session.get(MetaRow, "root_kdf") is not None
+        if not hmac.compare_digest(stored, check):
+            raise AuthError(
+                f"wrong root key for broker store {self._url}",
+                "give the passphrase this store was created with"
+                if by_passphrase
+                else "give the root key file this store was created with",
+            )
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The database URL without its password."""
+        return self._url
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def root_key(self) -> RootKey:
+        """The keys derived from the root key (``audit.verify_audit_chain`` checks seals with it)."""
+        return self._root
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> BrokerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads.begin() as session:
+            yield session
+
+    def _audit(self, session: Session, event: str, actor: str, subject: str, at: datetime, **detail: Any) -> None:
+        append_audit(session, self._root, event=event, actor=actor, subject=subject, detail=detail, at=at)
+
+    def record_refusal(
+        self,
+        action: str,
+        *,
+        actor: str,
+        subject: str,
+        reason: str,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """Append ``<action>.refused`` to the audit log (``detail``: ids and reasons, never keys)."""
+        with self._write() as session:
+            self._audit(session, f"{action}.refused", actor, subject, as_utc(now), reason=reason, **(detail or {}))
+
+    def iter_audit(self, *, after_seq: int | None = None) -> Iterator[AuditEntry]:
+        """Audit entries in ``seq`` order (all of them, or those after ``after_seq``), streamed."""
+        with self._read() as session:
+            query = select(AuditRow).order_by(AuditRow.seq)
+            if after_seq is not None:
+                query = query.where(AuditRow.seq > after_seq)
+            for row in session.scalars(query.execution_options(yield_per=500)):
+                yield AuditEntry.from_row(row)
+
+    # -- apps ---------------------------------------------------------------------------
+
+    def enroll_app(
+        self, name: str, role: Role | str, *, actor: str = "system", now: datetime | None = None
+    ) -> EnrolledApp:
+        """A new app with a fresh 32-byte api key (returned once, stored only as a keyed hash)."""
+        if not _NAME_RE.fullmatch(name):
+            raise ConfigError(f"invalid app name {name!r}", "use 1-64 characters from A-Z a-z 0-9 . _ -")
+        try:
+            role = Role(role)
+        except ValueError:
+            raise ConfigError(f"unknown role {role!r}", "use admin, owner or workload") from None
+        ts, app_id, api_key = as_utc(now), "a-" + secrets.token_hex(8), secrets.token_bytes(32)
+        sealed = self._root.seal(derive_signing_key(api_key), table="apps", row_id=app_id)
+        row = AppRow(
+            app_id=app_id,
+            name=name,
+            role=role.value,
+            api_key_hash=self._root.api_key_hash(app_id, api_key),
+            sealed_signing_key=sealed,
+            created=ts,
+            disabled=False,
+        )
+        try:
+            with self._write() as session:
+                if session.scalar(select(AppRow.app_id).where(AppRow.name == name)) is not None:
+                    raise ConfigError(f"app {name} is already enrolled", "choose another name")
+                session.add(row)
+                self._audit(session, "app.enrolled", actor, app_id, ts, name=name, role=role.value)
+        except DatabaseIntegrityError:
+            raise ConfigError(f"app {name} is already enrolled", "choose another name") from None
+        return EnrolledApp(_app(row), api_key)
+
+    def disable_app(self, app_id: str, *, actor: str = "system", now: datetime | None = None) -> App:
+        ts = as_utc(now)
+        with self._write() as session:
+            row = session.get(AppRow, app_id)
+            if row is None:
+                raise ConfigError(f"no app {app_id!r}", "`enclaveml broker apps` lists the enrolled apps")
+            row.disabled = True
+            self._audit(session, "app.disabled", actor, app_id, ts, name=row.name)
+            return _app(row)
+
+    def list_apps(self) -> list[App]:
+        with self._read() as session:
+            return [_app(row) for row in session.scalars(select(AppRow).order_by(AppRow.created, AppRow.app_id))]
+
+    def find_app(self, app_id: str) -> App | None:
+        with self._read() as session:
+            row = session.get(AppRow, app_id)
+            return None if row is None else _app(row)
+
+    def hash_api_key(self, app_id: str, api_key: bytes) -> bytes:
+        """The keyed hash stored for ``api_key`` (``root_key.py``); compare with ``hmac.compare_digest``."""
+        return self._root.api_key_hash(app_id, api_key)
+
+    def api_key_hash_for(self, app_id: str) -> bytes | None:
+        """The stored api key hash of ``app_id``, or None (unknown or disabled app)."""
+        with self._read() as session:
+            row = session.get(AppRow, app_id)
+            return None if row is None or row.disabled else row.api_key_hash
+
+    def verify_api_key(self, app_id: str, api_key: bytes, *, now: datetime | None = None) -> App:
+        """The app, or ``AuthError``; an unknown app costs the same query, hash and compare as a wrong key."""
+        with self._read() as session:
+            row = session.get(AppRow, app_id)
+            stored = row.api_key_hash if row is not None else self._dummy_hash
+            matches = hmac.compare_digest(self._root.api_key_hash(app_id, api_key), stored)
+            app = _app(row) if row is not None else None
+        if matches and app is not None and not app.disabled:
+            return app
+        reason = "app_disabled" if matches and app is not None else "invalid_credentials"
+        self.record_refusal("auth", actor=app_id, subject=app_id, reason=reason, now=now)
+        if reason == "app_disabled":
+            raise AuthError(f"app {app_id} is disabled", "ask a broker admin to enroll a new app")
+        raise AuthError("invalid app id or api key", "check the app id and api key shown at enrollment")
+
+    def signing_key_for(self, app_id: str) -> bytes | None:
+        """The request-signing key (``auth.py``) of an enabled app, else None, in equal time."""
+        with self._read() as session:
+            row = session.get(AppRow, app_id)
+            sealed, row_id = (row.sealed_signing_key, app_id) if row is not None else (self._dummy_sealed, _DUMMY_APP)
+            key = self._root.open(sealed, table="apps", row_id=row_id)
+            return key if row is not None and not row.disabled else None
+
+    # -- policies -----------------------------------------------------------------------
+
+    def register_policy(
+        self, name: str, toml_text: str, keys: Sequence[str], *, actor: str = "system", now: datetime | None = None
+    ) -> PolicyRecord:
+        """Store a policy (its TOML text) and the keys it may receive; returns it with its id."""
+        if len(toml_text.encode()) > _MAX_POLICY_TEXT:
+            raise PolicyError(f"policy {name} is larger than 64 KiB", "trim the policy document")
+        Policy.from_text(toml_text)  # refuse what could never be evaluated
+        ts, policy_id = as_utc(now), "p-" + secrets.token_hex(8)
+        with self._write() as session:
+            key_ids = sorted({self._find_key(session, key).key_id for key in keys})
+            row = PolicyRow(policy_id=policy_id, name=name, document=toml_text, revoked=False, created=ts)
+            session.add(row)
+            session.flush()
+            session.add_all(PolicyKeyRow(policy_id=policy_id, key_id=key_id) for key_id in key_ids)
+            digest = hashlib.sha256(toml_text.encode()).hexdigest()
+            self._audit(session, "policy.registered", actor, policy_id, ts, name=name, keys=key_ids, sha256=digest)
+            return _policy(session, row)
+
+    def get_policy(self, policy_id: str) -> PolicyRecord:
+        with self._read() as session:
+            row = session.get(PolicyRow, policy_id)
+            if row is None:
+                raise PolicyError(f"no policy {policy_id!r}", "`enclaveml policy list` shows the registered policies")
+            return _policy(session, row)
+
+    def list_policies(self, *, include_revoked: bool = True) -> list[PolicyRecord]:
+        with self._read() as session:
+            query = select(PolicyRow).order_by(PolicyRow.created, PolicyRow.policy_id)
+            if not include_revoked:
+                query = query.where(PolicyRow.revoked.is_(False))
+            return [_policy(session, row) for row in session.scalars(query)]
+
+    def revoke_policy(self, policy_id: str, *, actor: str = "system", now: datetime | None = None) -> PolicyRecord:
+        """Revoke a policy for good: it releases nothing afterwards."""
+        ts = as_utc(now)
+        with self._write() as session:
+            row = session.get(PolicyRow, policy_id, with_for_update=True)
+            if row is None:
+                raise PolicyError(f"no policy {policy_id!r}", "`enclaveml policy list` shows the registered policies")
+            if not row.revoked:
+                row.revoked, row.revoked_at = True, ts
+                self._audit(session, "policy.revoked", actor, policy_id, ts, name=row.name)
+            return _policy(session, row)
+
+    def policies_for_key(self, name_or_id: str, *, include_revoked: bool = False) -> list[PolicyRecord]:
+        """The policies that may receive the key (unrevoked ones unless asked)."""
+        with self._read() as session:
+            key_id = self._find_key(session, name_or_id).key_id
+            query = select(PolicyRow).join(PolicyKeyRow).where(PolicyKeyRow.key_id == key_id)
+            if not include_revoked:
+                query = query.where(PolicyRow.revoked.is_(False))
+            query = query.order_by(PolicyRow.created, PolicyRow.policy_id)
+            return [_policy(session, row) for row in session.scalars(query)]
+
+    # -- key release --------------------------------------------------------------------
+
+    def release_key_material(
+        self, policy_id: str, key_name: str, *, actor: str = "anonymous", now: datetime | None = None
+    ) -> list[ReleasedKey]:
+        """Every enabled version of the key, if the (unrevoked) policy covers it; else ``ReleaseRefused``.
+
+        The caller has already verified the workload's evidence against this policy.
+        """
+        ts = as_utc(now)
+        with self._write() as session:
+            # FOR SHARE: a concurrent revocation commits either wholly before or after this release.
+            policy = session.get(PolicyRow, policy_id, with_for_update={"read": True})
+            key = self._find_key_or_none(session, key_name)
+            refusal = _release_refusal(session, policy_id, policy, key_name, key)
+            if refusal is None:
+                assert key is not None
+                released = self._materials(key)
+                versions = [k.version for k in released]
+                self._audit(session, "key.released", actor, key.key_id, ts, policy_id=policy_id, versions=versions)
+            else:
+                reason = refusal.reason
+                self._audit(session, "release.refused", actor, key_name, ts, policy_id=policy_id, reason=reason)
+        if refusal is not None:
+            raise refusal
+        return released
