@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -114,3 +115,14 @@ def progress_bar(label: str, total: int | None, *, unit: str = "bytes") -> Itera
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def instant_option(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """A click callback for ``--at``-style options: ISO 8601, UTC when no zone is given."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not ISO 8601, e.g. 2025-07-01T12:00:00Z", ctx, param) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

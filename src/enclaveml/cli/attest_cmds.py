@@ -32,7 +32,7 @@ from enclaveml.attestation.evidence import (
 )
 from enclaveml.attestation.policy import Decision, Policy, PolicyViolation
 from enclaveml.attestation.sim import SimulationKey, create_sim_evidence, load_sim_public_key, measure_workload
-from enclaveml.cli._app import err_console, out_console
+from enclaveml.cli._app import err_console, instant_option, out_console
 from enclaveml.errors import AttestationError, ConfigError, EvidenceParseError, PolicyError
 
 __all__ = ["attest", "load_policy_file", "warn"]
@@ -42,16 +42,6 @@ _MALFORMED_HINT = "expected a DCAP quote, simulated evidence or an RA-TLS certif
 
 def warn(message: str) -> None:
     err_console.print(f"WARNING: {message}", markup=False)
-
-
-def _at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not ISO 8601, e.g. 2025-07-01T12:00:00Z", ctx, param) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _hex(limit: int) -> Callable[[click.Context, click.Parameter, str | None], bytes | None]:
@@ -160,7 +150,9 @@ def inspect(evidence_file: str, as_json: bool) -> None:
 @click.option("--pccs", metavar="URL", help="Fetch DCAP collateral from this PCCS or Intel PCS.")
 @click.option("--pccs-ca", metavar="FILE", help="CA bundle for the PCCS's TLS certificate.")
 @click.option("--collateral-cache", metavar="DIR", help="Cache fetched collateral here until it expires.")
-@click.option("--at", callback=_at, metavar="ISO8601", help="Verify as of this time [default: now; no zone = UTC].")
+@click.option(
+    "--at", callback=instant_option, metavar="ISO8601", help="Verify as of this time [default: now; no zone = UTC]."
+)
 @click.option("--policy", "policy_file", metavar="FILE", help="Policy (TOML, or JSON by extension) to apply.")
 @click.option("--trusted-sim-key", multiple=True, metavar="PEM", help="Trusted simulation public key (repeatable).")
 @click.option("--nonce", callback=_hex(64), help="Expected nonce of simulated evidence (hex).")

@@ -24,7 +24,7 @@ import click
 from cryptography import x509
 
 from enclaveml.attestation.tee import DEV_ROOT, GRAMINE_ROOT, TSM_ROOT, TeeProbe, probe_tees
-from enclaveml.cli._app import out_console
+from enclaveml.cli._app import instant_option, out_console
 from enclaveml.errors import AttestationError, ConfigError
 
 __all__ = ["doctor"]
@@ -41,16 +41,6 @@ class Check:
     status: Status
     detail: str
     fix: str = ""
-
-
-def _at(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not ISO 8601, e.g. 2025-07-01T12:00:00Z", ctx, param) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _when(moment: datetime, now: datetime) -> str:
@@ -183,7 +173,7 @@ def _crl(body: bytes) -> x509.CertificateRevocationList | None:
 @click.option("--collateral", metavar="FILE|DIR", help="Check that this offline collateral is still valid.")
 @click.option("--timeout", type=click.FloatRange(0.1, 120), default=5.0, show_default=True,
               help="Seconds allowed for each PCCS request.")  # fmt: skip
-@click.option("--at", callback=_at, metavar="ISO8601", help="Judge validity as of this time [default: now].")
+@click.option("--at", callback=instant_option, metavar="ISO8601", help="Judge validity as of this time [default: now].")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.option("--gramine-root", default=str(GRAMINE_ROOT), hidden=True)
 @click.option("--tsm-root", default=str(TSM_ROOT), hidden=True)
