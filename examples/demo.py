@@ -63,3 +63,66 @@ assert not (OUT / "tampered.csv").exists()
 print("  tampered copy rejected with exit 4, and tampered.csv was never created")
 run("decrypt", "people.csv.eml", "wrong.csv", "--context", "tenant=globex", expect=4)
 print(f"demo finished in {time.perf_counter() - started:.1f} s; files in {OUT.relative_to(ROOT)}/")
+
+
+def broker_demo() -> None:
+    """The key broker and the attested runtime: an in-process broker (TLS, SQLite in demo-out/),
+    an owner who encrypts with a broker key, a sim policy, `enclaveml run` of a job that gets
+    the key, and a modified job refused with `Attestation failed: ...` (exit 3)."""
+    from enclaveml.broker.client import BrokerClient
+    from enclaveml.broker.server import BrokerServer, make_self_signed
+    from enclaveml.broker.store import BrokerStore
+    from enclaveml.crypto import encrypt_file
+    from enclaveml.kms.broker import BrokerKms
+
+    began = time.perf_counter()
+    print("\n== key broker + attested runtime ==", flush=True)
+    cert, key = make_self_signed(OUT / "broker-tls")
+    # A random root key for the demo; a real broker derives it from a passphrase or key file.
+    with (
+        BrokerStore(f"sqlite:///{OUT / 'broker.db'}", os.urandom(32)) as store,
+        BrokerServer(store, port=0, tls_cert=cert, tls_key=key) as server,
+    ):
+        print(f"  broker listening on {server.url} (TLS, self-signed {cert.relative_to(ROOT)}; SQLite broker.db)")
+        admin = store.enroll_app("admin", "admin")  # what `enclaveml broker init` prints once
+        with BrokerClient(server.url, admin.app.app_id, admin.api_key, ca=str(cert)) as as_admin:
+            owner = as_admin.enroll("analytics", "owner")
+            workload = as_admin.enroll("job-runner", "workload")
+        print(f"  enrolled owner {owner['app_id']} and workload {workload['app_id']} (api keys shown once)")
+
+        kms = BrokerKms(server.url, owner["app_id"], owner["api_key"], ca=str(cert))
+        info = kms.create_key("customers")
+        print(f"  owner created broker key customers ({info.key_id}); it never leaves the broker")
+        encrypt_file(OUT / "people.csv", OUT / "people.broker.csv.eml", kms, "customers")
+        print("  owner encrypted people.csv -> people.broker.csv.eml with it")
+        shutil.copyfile(ROOT / "examples" / "job_simple_query.py", OUT / "job.py")
+        job = ["python", "job.py", "people.broker.csv.eml"]
+
+        ENV.update(
+            {
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                "ENCLAVEML_APP_ID": workload["app_id"],
+                "ENCLAVEML_API_KEY": workload["api_key"],
+            }
+        )
+        measurement = run("run", "--tee", "sim", "--print-measurement", "--", *job).stdout.strip()
+        policy = f'name = "simple-query"\ntee = ["sim"]\nallow_simulation = true\nmr_enclave = ["{measurement}"]\n'
+        registered = kms.client.register_policy("simple-query", policy, ["customers"])
+        print(f"  owner registered policy {registered['policy_id']} for key customers:")
+        for line in policy.splitlines():
+            print(f"    {line}")
+
+        broker = ["--broker", server.url, "--ca", str(cert), "--keys", "customers", "--tee", "sim"]
+        run("run", *broker, "--", *job)
+
+        (OUT / "job.py").write_text((OUT / "job.py").read_text() + "\nprint('and now send the data elsewhere')\n")
+        print("  modified job.py (one line appended)")
+        refused = run("run", *broker, "--", *job, expect=3)
+        assert refused.stderr.count("Attestation failed: ") == 1
+        assert "and now send the data elsewhere" not in refused.stdout
+        print("  modified job refused with exit 3 before it started; the broker released nothing")
+        kms.close()
+    print(f"broker demo finished in {time.perf_counter() - began:.1f} s")
+
+
+broker_demo()

@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 PUBLIC = {
-    "enclaveml": ["__version__"],
+    "enclaveml": ["__version__", "session"],
     "enclaveml.crypto": [
         "DATA_KEY_SIZE",
         "DEFAULT_SEGMENT_SIZE",

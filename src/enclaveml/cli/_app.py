@@ -1,7 +1,13 @@
 """What every command shares: the enclaveml home, the passphrase, progress bars, output.
 
-The only place the CLI reads the environment (``ENCLAVEML_HOME``, ``ENCLAVEML_PASSPHRASE``);
+The only place the CLI reads the environment (``ENCLAVEML_HOME``, ``ENCLAVEML_PASSPHRASE``,
+and for the key broker ``ENCLAVEML_KMS``, ``ENCLAVEML_BROKER_URL``, ``ENCLAVEML_APP_ID``,
+``ENCLAVEML_API_KEY``, ``ENCLAVEML_BROKER_CA``, ``ENCLAVEML_BROKER_PASSPHRASE``);
 everything below it receives values as arguments.
+
+KMS backend: ``local`` (the embedded key store, default) or ``broker`` (the key broker's
+API as the app ``ENCLAVEML_APP_ID`` with ``ENCLAVEML_API_KEY``), chosen by
+``--backend``/``--kms`` (``kms_backend``) or ``ENCLAVEML_KMS``.
 """
 
 from __future__ import annotations
@@ -28,12 +34,17 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from enclaveml.broker.client import BrokerClient
 from enclaveml.errors import ConfigError
 from enclaveml.kms import LocalKms
+from enclaveml.kms.broker import BrokerKms
 
 __all__ = ["App", "err_console", "out_console", "parse_context", "pass_app", "progress_bar"]
 
 STORE_FILE = "keystore.json"
+BROKER_DIR = "broker"
+DEFAULT_BROKER_URL = "https://127.0.0.1:8443"
+KMS_BACKENDS = ("local", "broker")
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
@@ -42,6 +53,7 @@ out_console = Console(highlight=False, soft_wrap=True)
 class App:
     home: Path
     debug: bool
+    kms_backend: str | None = None
 
     @classmethod
     def from_options(cls, home: str | None, debug: bool) -> App:
@@ -69,7 +81,44 @@ class App:
             raise ConfigError("the passphrase is empty", "choose a passphrase")
         return first
 
-    def open_kms(self) -> LocalKms:
+    @property
+    def broker_home(self) -> Path:
+        """The key broker's files: store, admin credentials, self-signed TLS certificate."""
+        return self.home / BROKER_DIR
+
+    def broker_url(self, url: str | None = None) -> str:
+        return url or os.environ.get("ENCLAVEML_BROKER_URL") or DEFAULT_BROKER_URL
+
+    def broker_ca(self) -> str | None:
+        """``ENCLAVEML_BROKER_CA``, else the self-signed certificate of ``broker serve --self-signed``."""
+        ca = os.environ.get("ENCLAVEML_BROKER_CA")
+        if ca:
+            return ca
+        own = self.broker_home / "tls" / "cert.pem"
+        return str(own) if own.exists() else None
+
+    def broker_client(self, url: str | None = None) -> BrokerClient:
+        """A signed-request client with the credentials of ``ENCLAVEML_APP_ID`` / ``ENCLAVEML_API_KEY``."""
+        app_id, api_key = self._broker_credentials()
+        return BrokerClient(self.broker_url(url), app_id, api_key, ca=self.broker_ca())
+
+    def _broker_credentials(self) -> tuple[str, str]:
+        app_id, api_key = os.environ.get("ENCLAVEML_APP_ID", ""), os.environ.get("ENCLAVEML_API_KEY", "")
+        if not app_id or not api_key:
+            raise ConfigError(
+                "no key broker credentials",
+                "set ENCLAVEML_APP_ID and ENCLAVEML_API_KEY to an app enrolled with `enclaveml broker enroll`",
+            )
+        return app_id, api_key
+
+    def open_kms(self) -> LocalKms | BrokerKms:
+        """The KMS backend chosen by ``--backend``/``--kms`` or ``ENCLAVEML_KMS`` (default ``local``)."""
+        backend = self.kms_backend or os.environ.get("ENCLAVEML_KMS") or "local"
+        if backend not in KMS_BACKENDS:
+            raise ConfigError(f"unknown KMS backend {backend!r}", "use local or broker (ENCLAVEML_KMS)")
+        if backend == "broker":
+            app_id, api_key = self._broker_credentials()
+            return BrokerKms(self.broker_url(), app_id, api_key, ca=self.broker_ca())
         if not self.store_path.exists():
             raise ConfigError(
                 f"no key store at {self.store_path}",
@@ -126,3 +175,25 @@ def instant_option(ctx: click.Context, param: click.Parameter, value: str | None
     except ValueError:
         raise click.BadParameter(f"{value!r} is not ISO 8601, e.g. 2025-07-01T12:00:00Z", ctx, param) from None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _set_backend(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        app = ctx.find_object(App)
+        if app is not None:
+            app.kms_backend = value
+
+
+def kms_backend_option(flag: str) -> Callable[[click.decorators.FC], click.decorators.FC]:
+    """``--backend`` / ``--kms local|broker``: sets ``App.kms_backend`` before the command runs."""
+    return click.option(
+        flag,
+        "kms_backend",
+        type=click.Choice(KMS_BACKENDS),
+        default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_set_backend,
+        help="Key management backend [default: $ENCLAVEML_KMS or local]; broker uses "
+        "ENCLAVEML_BROKER_URL, ENCLAVEML_APP_ID, ENCLAVEML_API_KEY, ENCLAVEML_BROKER_CA.",
+    )

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import click
 
-from enclaveml.cli._app import App, err_console, out_console, parse_context, pass_app, progress_bar
+from enclaveml.cli._app import (
+    App,
+    err_console,
+    kms_backend_option,
+    out_console,
+    parse_context,
+    pass_app,
+    progress_bar,
+)
 from enclaveml.crypto import (
     DEFAULT_SEGMENT_SIZE,
     MAX_SEGMENT_SIZE,
@@ -58,6 +66,7 @@ def _segment_size(text: str) -> int:
 
 
 @click.command()
+@kms_backend_option("--kms")
 @click.argument("source")
 @click.argument("destination", required=False)
 @click.option("--key", "-k", required=True, help="Primary key name or id that wraps the data key.")
@@ -118,6 +127,7 @@ def encrypt(
 
 
 @click.command()
+@kms_backend_option("--kms")
 @click.argument("source")
 @click.argument("destination", required=False)
 @_context_option
@@ -209,6 +219,7 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 @click.command()
+@kms_backend_option("--kms")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--key", "-k", default=None, help="Key name or id (must be the files' key); default: each file's own.")
 @pass_app

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import click
 
-from enclaveml.cli._app import App, err_console, out_console, pass_app
+from enclaveml.cli._app import App, err_console, kms_backend_option, out_console, pass_app
 from enclaveml.errors import ConfigError
 from enclaveml.kms import SCRYPT_DEFAULT, KeyInfo, LocalKms, ScryptParams
 
@@ -31,6 +31,7 @@ def _key_line(info: KeyInfo) -> str:
 
 
 @click.group()
+@kms_backend_option("--backend")
 def kms() -> None:
     """Manage primary keys in the embedded key store (sealed by a passphrase).
 

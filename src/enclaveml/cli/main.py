@@ -12,12 +12,14 @@ from rich.markup import escape
 from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
 from enclaveml.cli.attest_cmds import attest
+from enclaveml.cli.broker_cmds import broker
 from enclaveml.cli.datagen_cmds import datagen
 from enclaveml.cli.doctor_cmds import doctor
 from enclaveml.cli.enclave_cmds import enclave
 from enclaveml.cli.file_cmds import decrypt, encrypt, inspect, rewrap
 from enclaveml.cli.kms_cmds import kms
 from enclaveml.cli.policy_cmds import policy
+from enclaveml.cli.run_cmds import run
 from enclaveml.cli.secret_prov_cmds import secret_prov
 from enclaveml.errors import ConfigError, EnclaveMLError
 
@@ -60,6 +62,8 @@ cli.add_command(attest)
 cli.add_command(policy)
 cli.add_command(doctor)
 cli.add_command(secret_prov)
+cli.add_command(broker)
+cli.add_command(run)
 
 
 def _fail(message: str, code: int) -> int:

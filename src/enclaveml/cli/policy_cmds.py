@@ -15,7 +15,7 @@ from enclaveml._atomic import atomic_output
 from enclaveml.attestation.claims import TcbStatus, TeeType
 from enclaveml.attestation.policy import GRAMINE_OPT_INS, NEVER_ALLOWED, SECURE_STATUSES, Policy
 from enclaveml.attestation.sigstruct import verify_sigstruct
-from enclaveml.cli._app import err_console, out_console
+from enclaveml.cli._app import App, err_console, out_console, pass_app
 from enclaveml.cli.attest_cmds import load_policy_file, warn
 from enclaveml.errors import AttestationError
 
@@ -140,3 +140,34 @@ def _via(loaded: Policy, status: TcbStatus) -> str:
     if status in loaded.allowed_tcb_statuses:
         return "allowed_tcb_statuses"
     return " + ".join(GRAMINE_OPT_INS.get(status, ()))
+
+
+@policy.command("register")
+@click.argument("policy_file", metavar="POLICY.toml", type=click.Path(dir_okay=False))
+@click.option("--key", "keys", multiple=True, required=True, help="A key this policy may receive (repeatable).")
+@click.option("--name", help="Policy name in the broker [default: the policy's `name`].")
+@click.option(
+    "--broker", "url", metavar="URL", help="Broker URL [default: $ENCLAVEML_BROKER_URL or https://127.0.0.1:8443]."
+)
+@pass_app
+def register(app: App, policy_file: str, keys: tuple[str, ...], name: str | None, url: str | None) -> None:
+    """Register a policy with the key broker: workloads it accepts may receive these keys.
+
+    Needs an owner app's credentials in ENCLAVEML_APP_ID / ENCLAVEML_API_KEY
+    (ENCLAVEML_BROKER_CA verifies the broker's certificate). Prints the policy id.
+
+    \b
+    Example:
+      enclaveml policy register policy.toml --key customers --broker https://127.0.0.1:8443
+    """
+    loaded = load_policy_file(policy_file)
+    document = Path(policy_file).read_text(encoding="utf-8")
+    with app.broker_client(url) as client:
+        answer = client.register_policy(name or loaded.name, document, list(keys))
+    out_console.print(str(answer["policy_id"]), markup=False)
+    err_console.print(
+        f"registered policy {answer['name']} ({answer['policy_id']}) for key(s) {', '.join(answer['keys'])}",
+        markup=False,
+    )
+    if loaded.allow_simulation:
+        warn("allow_simulation = true: simulated evidence receives these keys (development only)")

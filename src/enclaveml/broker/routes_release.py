@@ -1,0 +1,195 @@
+"""Workload routes: nonces, attestation results and key release (docs/broker-api.md).
+
+Release, in this order: consume the nonce (single use, 5 min) → verify the evidence
+(``verify_evidence``; simulated evidence from any signer when no simulation key is pinned)
+→ check ``report_data == release_binding(public_key, nonce)`` → evaluate every unrevoked
+policy bound to the key, release under the first that allows → ``store.release_key_material``
+→ HPKE-seal the bundle to the presented public key. Every refusal is audited with its
+reason and answers with no key bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+from datetime import timedelta
+from typing import Any
+
+import jwt
+from starlette.routing import Route
+
+from enclaveml.attestation.evidence import VerifiedEvidence, verify_evidence
+from enclaveml.attestation.policy import Decision, Policy
+from enclaveml.broker._http import ApiError, BrokerContext, Call, b64_field, endpoint, str_field
+from enclaveml.broker.models import PolicyRecord, Role
+from enclaveml.crypto.key_release import release_binding, seal_for_recipient
+from enclaveml.errors import AttestationError, ConfigError, KeyNotFound, PolicyError
+
+__all__ = ["NONCE_PURPOSE", "NONCE_TTL", "RESULT_ISSUER", "nonce_bytes", "release_routes"]
+
+NONCE_PURPOSE = "attest"
+NONCE_TTL = timedelta(minutes=5)
+RESULT_ISSUER = "enclaveml-broker"
+_RESULT_TTL_S = 300
+_WORKLOAD = (Role.WORKLOAD,)
+
+
+def nonce_bytes(value: str) -> bytes:
+    """The 32 bytes behind a stored nonce (``secrets.token_urlsafe(32)``)."""
+    return base64.urlsafe_b64decode(value + "=")
+
+
+def _stored_nonce(hex_text: str) -> tuple[str, bytes]:
+    try:
+        raw = bytes.fromhex(hex_text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ApiError(400, "malformed_request", "field 'nonce' must be 64 hex digits (from GET /v1/nonce)")
+    return base64.urlsafe_b64encode(raw).decode().rstrip("="), raw
+
+
+def issue_nonce(ctx: BrokerContext, call: Call) -> dict[str, Any]:
+    issued = ctx.store.issue_nonce(NONCE_PURPOSE, NONCE_TTL, now=call.now)
+    return {"nonce": nonce_bytes(issued.value).hex(), "expires_at": issued.expires_at.isoformat()}
+
+
+def _verify(ctx: BrokerContext, call: Call, action: str, subject: str, evidence: bytes) -> VerifiedEvidence:
+    """Consume nothing; verify ``evidence`` or raise an audited 422."""
+    caller = call.caller.app_id
+    try:
+        return verify_evidence(
+            evidence, now=call.now, collateral=ctx.collateral, sim_trusted_keys=ctx.sim_trusted_keys or None
+        )
+    except AttestationError as exc:
+        raise ctx.refuse(action, caller, subject, 422, exc.reason, exc.what, exc.hint, now=call.now) from None
+    except ConfigError as exc:
+        reason = "collateral_unavailable"
+        raise ctx.refuse(action, caller, subject, 422, reason, exc.what, exc.hint, now=call.now) from None
+
+
+def _consume(ctx: BrokerContext, call: Call, nonce_hex: str) -> bytes:
+    stored, raw = _stored_nonce(nonce_hex)
+    ctx.store.consume_nonce(stored, NONCE_PURPOSE, call.now, actor=call.caller.app_id)  # audits its refusals
+    return raw
+
+
+def _insecure(verified: VerifiedEvidence, decision: Decision | None = None) -> bool:
+    return verified.claims.insecure or bool(verified.warnings) or (decision is not None and decision.insecure)
+
+
+def attest(ctx: BrokerContext, call: Call) -> dict[str, Any]:
+    body = call.json()
+    evidence, nonce_hex = b64_field(body, "evidence"), str_field(body, "nonce")
+    _consume(ctx, call, nonce_hex)
+    verified = _verify(ctx, call, "attest", "evidence", evidence)
+    claims = verified.claims.to_json()
+    insecure = _insecure(verified)
+    issued = int(call.now.timestamp())
+    payload = {
+        "iss": RESULT_ISSUER,
+        "sub": call.caller.app_id,
+        "iat": issued,
+        "exp": issued + _RESULT_TTL_S,
+        "nonce": nonce_hex,
+        "evidence": verified.description,
+        "tcb_status": str(verified.status),
+        "insecure": insecure,
+        "claims": claims,
+    }
+    token = jwt.encode(payload, ctx.result_key, algorithm="ES256", headers={"kid": ctx.key_id})
+    return {"claims": claims, "insecure": insecure, "token": token}
+
+
+def _evaluate(ctx: BrokerContext, call: Call, name: str, verified: VerifiedEvidence) -> tuple[PolicyRecord, Decision]:
+    caller, now = call.caller.app_id, call.now
+    try:
+        bound = ctx.store.policies_for_key(name, include_revoked=True)
+    except KeyNotFound as exc:
+        raise ctx.refuse("release", caller, name, 404, "unknown_key", exc.what, exc.hint, now=now) from None
+    live = [record for record in bound if not record.revoked]
+    if not live:
+        reason = "policy_revoked" if bound else "key_not_bound"
+        what = f"every policy bound to key {name} was revoked" if bound else f"no policy may receive key {name}"
+        hint = "an owner registers a policy for this key (`enclaveml policy register POLICY.toml --key NAME`)"
+        raise ctx.refuse("release", caller, name, 403, reason, what, hint, now=now)
+    refusals: list[str] = []
+    checks: set[str] = set()
+    for record in live:
+        try:
+            decision = Policy.from_text(record.document).evaluate(verified.claims, now=now)
+        except PolicyError as exc:
+            refusals.append(f"policy {record.name} ({record.policy_id}) does not load: {exc.what}")
+            continue
+        if decision.allowed:
+            return record, decision
+        checks.update(f.check for f in decision.failures)
+        first = decision.failures[0]
+        refusals.append(f"policy {record.name} ({record.policy_id}): {first.check}: {first.what}")
+    failed = sorted(checks)
+    raise ctx.refuse(
+        "release",
+        caller,
+        name,
+        403,
+        "policy_refused",
+        f"no policy bound to key {name} accepts this workload (failed checks: {', '.join(failed)}): "
+        + "; ".join(refusals),
+        "compare the workload's claims with the policy (`enclaveml attest verify --policy`)",
+        now=now,
+        detail={"policies": [r.policy_id for r in live], "failed_checks": failed},
+    )
+
+
+def release(ctx: BrokerContext, call: Call) -> dict[str, Any]:
+    name, body = call.param("name"), call.json()
+    evidence, nonce_hex = b64_field(body, "evidence"), str_field(body, "nonce")
+    public_key = b64_field(body, "public_key", size=32)
+    nonce = _consume(ctx, call, nonce_hex)
+    verified = _verify(ctx, call, "release", name, evidence)
+    if not hmac.compare_digest(verified.claims.report_data, release_binding(public_key, nonce)):
+        raise ctx.refuse(
+            "release",
+            call.caller.app_id,
+            name,
+            422,
+            "binding_mismatch",
+            "the evidence's report data does not bind the presented public key and nonce "
+            "(expected SHA-256(label ‖ public_key ‖ nonce))",
+            "obtain evidence whose report data is release_binding(public_key, nonce)",
+            now=call.now,
+        )
+    record, decision = _evaluate(ctx, call, name, verified)
+    released = ctx.store.release_key_material(record.policy_id, name, actor=call.caller.app_id, now=call.now)
+    bundle = {
+        "keys": [
+            {
+                "name": k.name,
+                "key_id": k.key_id,
+                "version": k.version,
+                "material": base64.b64encode(k.material).decode(),
+            }
+            for k in released
+        ]
+    }
+    sealed = seal_for_recipient(json.dumps(bundle).encode(), public_key, nonce)
+    return {
+        "key": name,
+        "policy_id": record.policy_id,
+        "sealed": base64.b64encode(sealed).decode(),
+        "claims": verified.claims.to_json(),
+        "insecure": _insecure(verified, decision),
+    }
+
+
+def release_routes(ctx: BrokerContext) -> list[Route]:
+    return [
+        Route("/v1/nonce", endpoint(ctx, "/v1/nonce", _WORKLOAD, issue_nonce), methods=["GET"]),
+        Route("/v1/attest", endpoint(ctx, "/v1/attest", _WORKLOAD, attest), methods=["POST"]),
+        Route(
+            "/v1/keys/{name}/release",
+            endpoint(ctx, "/v1/keys/{name}/release", _WORKLOAD, release),
+            methods=["POST"],
+        ),
+    ]

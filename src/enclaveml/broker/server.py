@@ -1,0 +1,234 @@
+"""Running the key broker: uvicorn (TLS) in a thread or in the foreground, plus secret provisioning.
+
+``BrokerServer(store, host, port, tls_cert=..., tls_key=...)`` serves ``create_app(store)``
+with uvicorn, programmatically: ``start()`` runs it in a thread and returns once it is
+listening (``port`` 0 picks a free port; ``.port`` tells which), ``stop()`` asks it to exit
+and waits; ``serve_forever()`` runs it in the calling thread (uvicorn handles SIGINT and
+SIGTERM). Without a certificate it serves plain HTTP: for tests behind TLS termination
+only.
+
+``secret_prov_port`` also starts a Gramine secret provisioning server
+(``secret_prov.py``) with the same certificate; the secret is the primary version of the
+key ``secret_prov_key``, released to a client whose RA-TLS evidence satisfies a policy bound
+to that key (the same policies and audit entries as ``POST /v1/keys/{name}/release``).
+
+``make_self_signed(dir)`` writes a self-signed P-256 certificate for 127.0.0.1 / localhost
+(tests and the demo); clients trust it with ``ca=cert``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enclaveml.attestation.claims import Claims
+from enclaveml.attestation.collateral import Collateral
+from enclaveml.attestation.evidence import verify_evidence
+from enclaveml.attestation.policy import Policy
+from enclaveml.attestation.ratls import Evidence
+from enclaveml.broker.app import create_app
+from enclaveml.broker.secret_prov import DEFAULT_PORT, SecretProvisioningServer
+from enclaveml.broker.store import BrokerStore
+from enclaveml.errors import ConfigError, PolicyError
+
+__all__ = ["BrokerServer", "make_self_signed"]
+
+logger = logging.getLogger("enclaveml.broker")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_self_signed(directory: Path | str, *, days: int = 30) -> tuple[Path, Path]:
+    """Write ``cert.pem`` and ``key.pem`` (0600) for 127.0.0.1 and localhost; returns their paths."""
+    where = Path(directory)
+    where.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclaveml broker (self-signed)")])
+    now = datetime.now(UTC)
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = where / "cert.pem", where / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return cert_path, key_path
+
+
+class BrokerServer:
+    """The broker's HTTPS API (and optionally secret provisioning), see the module docstring."""
+
+    def __init__(
+        self,
+        store: BrokerStore,
+        host: str = "127.0.0.1",
+        port: int = 8443,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        secret_prov_port: int | None = None,
+        *,
+        secret_prov_key: str | None = None,
+        now_fn: Callable[[], datetime] = _utc_now,
+        sim_trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+        result_signing_key: ec.EllipticCurvePrivateKey | None = None,
+        collateral: Collateral | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        self.store, self.host = store, host
+        self._now_fn = now_fn
+        self._sim_keys = tuple(sim_trusted_keys or ())
+        self._collateral = collateral
+        self.app = create_app(
+            store,
+            now_fn=now_fn,
+            sim_trusted_keys=sim_trusted_keys,
+            result_signing_key=result_signing_key,
+            collateral=collateral,
+        )
+        self.tls = tls_cert is not None
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            ssl_certfile=None if tls_cert is None else str(tls_cert),
+            ssl_keyfile=None if tls_key is None else str(tls_key),
+            log_level=log_level,
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self.secret_prov: SecretProvisioningServer | None = None
+        if secret_prov_port is not None:
+            if tls_cert is None or tls_key is None:
+                raise ConfigError("secret provisioning needs the broker's TLS certificate", "add --tls-cert/--tls-key")
+            if secret_prov_key is None:
+                raise ConfigError("secret provisioning needs the key it hands out", "add --secret-prov-key NAME")
+            self.secret_prov = SecretProvisioningServer(
+                host,
+                secret_prov_port if secret_prov_port else DEFAULT_PORT,
+                cert_pem=Path(tls_cert).read_bytes(),
+                key_pem=Path(tls_key).read_bytes(),
+                verifier=self._verify_ratls_evidence,
+                decide=self._decider(secret_prov_key),
+                now_fn=now_fn,
+                audit=self._audit_secret_prov,
+            )
+
+    # -- secret provisioning ------------------------------------------------------------
+
+    def _verify_ratls_evidence(self, evidence: Evidence, at: datetime) -> Claims:
+        verified = verify_evidence(
+            evidence.raw, now=at, collateral=self._collateral, sim_trusted_keys=self._sim_keys or None
+        )
+        return verified.claims
+
+    def _decider(self, key_name: str) -> Callable[[Claims], bytes | None]:
+        def decide(claims: Claims) -> bytes | None:
+            now = self._now_fn()
+            failures: list[str] = []
+            for record in self.store.policies_for_key(key_name):
+                decision = Policy.from_text(record.document).evaluate(claims, now=now)
+                if decision.allowed:
+                    released = self.store.release_key_material(record.policy_id, key_name, actor="secret-prov", now=now)
+                    return released[-1].material  # the primary (newest enabled) version
+                failures.append(f"policy {record.name}: {decision.failures[0].what}")
+            raise PolicyError("; ".join(failures) or f"no policy may receive key {key_name}")
+
+        return decide
+
+    def _audit_secret_prov(self, event: str, details: dict[str, object]) -> None:
+        if event.endswith(".refused"):
+            reason = str(details.get("reason", "refused"))
+            self.store.record_refusal("secret_prov", actor="secret-prov", subject="ra-tls", reason=reason)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the API listens on (after ``start()``)."""
+        for server in self._server.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return int(self._server.config.port)
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> BrokerServer:
+        """Serve in a daemon thread; returns once listening (``ConfigError`` if it could not)."""
+        if self._thread is not None:
+            raise RuntimeError("the broker server is already started")
+        self._thread = threading.Thread(target=self._server.run, name="broker-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._server.should_exit = True
+                raise ConfigError(f"the key broker could not listen on {self.host}:{self._server.config.port}")
+            time.sleep(0.02)
+        if self.secret_prov is not None:
+            self.secret_prov.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT / SIGTERM."""
+        if self.secret_prov is not None:
+            self.secret_prov.start()
+        try:
+            self._server.run()
+        finally:
+            if self.secret_prov is not None:
+                self.secret_prov.shutdown(timeout=5)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self.secret_prov is not None:
+            self.secret_prov.shutdown(timeout=5)
+            self.secret_prov = None
+
+    def __enter__(self) -> BrokerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
