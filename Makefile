@@ -29,6 +29,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_crypto.py
 	$(BIN)/python benchmarks/bench_attestation.py
+	$(BIN)/python benchmarks/bench_broker.py
 
 vectors: $(STAMP)
 	$(BIN)/python scripts/make_eml_vectors.py
