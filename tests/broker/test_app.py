@@ -40,6 +40,7 @@ class Broker:
     owner: BrokerClient
     workload: BrokerClient
     owner_key: str
+    workload_key: str
 
     def client(self, app_id: str, api_key: str) -> BrokerClient:
         return BrokerClient("http://testserver", app_id, api_key, http_client=self.http)
@@ -61,6 +62,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
             BrokerClient("http://testserver", owner["app_id"], owner["api_key"], http_client=http),
             BrokerClient("http://testserver", workload["app_id"], workload["api_key"], http_client=http),
             owner["api_key"],
+            workload["api_key"],
         )
     store.close()
 
@@ -183,6 +185,72 @@ def test_replayed_and_expired_requests_are_refused(broker: Broker) -> None:
         ).list_keys()
 
 
+def test_a_replayed_write_is_refused_before_it_changes_anything(broker: Broker) -> None:
+    broker.owner.create_key("customers")
+    signing_key = derive_signing_key(base64.b64decode(broker.owner_key))
+    path = "/v1/keys/customers/rotate"
+    headers = sign_request(broker.owner.app_id, signing_key, "POST", path, b"", now=datetime.now(UTC))
+    assert broker.http.post(path, headers=headers).json()["primary_version"] == 2
+    replay = broker.http.post(path, headers=headers)
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_request")
+    assert broker.owner.describe_key("customers")["primary_version"] == 2  # the replay rotated nothing
+    events = [e.event for e in broker.store.iter_audit()]
+    assert events.count("key.rotated") == 1
+    assert events[-1] == "auth.refused"
+
+
+def test_a_failed_request_cannot_be_replayed_either(broker: Broker) -> None:
+    broker.owner.create_key("customers")
+    signing_key = derive_signing_key(base64.b64decode(broker.owner_key))
+    body = json.dumps({"name": "customers"}).encode()
+    headers = sign_request(broker.owner.app_id, signing_key, "POST", "/v1/keys", body, now=datetime.now(UTC))
+    headers["content-type"] = "application/json"
+    assert broker.http.post("/v1/keys", content=body, headers=headers).status_code == 409  # rolled back
+    replay = broker.http.post("/v1/keys", content=body, headers=headers)
+    assert replay.json()["error"] == "replayed_request"
+
+
+def test_a_replayed_release_is_refused_as_a_replay(broker: Broker) -> None:
+    _setup_key(broker)
+    recipient = EphemeralRecipient()
+    nonce = broker.workload.nonce()["nonce"]
+    body = json.dumps(
+        {
+            "evidence": base64.b64encode(_evidence(recipient, nonce)).decode(),
+            "nonce": nonce,
+            "public_key": base64.b64encode(recipient.public_key).decode(),
+        }
+    ).encode()
+    path = "/v1/keys/customers/release"
+    signing_key = derive_signing_key(base64.b64decode(broker.workload_key))
+    headers = sign_request(broker.workload.app_id, signing_key, "POST", path, body, now=datetime.now(UTC))
+    headers["content-type"] = "application/json"
+    assert broker.http.post(path, content=body, headers=headers).status_code == 200
+    replay = broker.http.post(path, content=body, headers=headers)
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_request")
+    assert "sealed" not in replay.json()
+    assert [e.event for e in broker.store.iter_audit()].count("key.released") == 1
+
+
+def test_disabling_an_app_takes_effect_at_once(broker: Broker) -> None:
+    assert broker.owner.list_keys() == []  # the owner's key is now cached
+    broker.store.disable_app(broker.owner.app_id)
+    with pytest.raises(BrokerAuthError):
+        broker.owner.list_keys()
+
+
+def test_a_new_policy_is_used_at_once_and_a_revoked_one_never(broker: Broker) -> None:
+    first = _setup_key(broker, OTHER_POLICY)
+    assert error_reason(_attempt(broker, "customers")) == "policy_refused"  # policy list now cached
+    second = broker.owner.register_policy("p2", SIM_POLICY, ["customers"])["policy_id"]
+    recipient = EphemeralRecipient()
+    nonce = broker.workload.nonce()["nonce"]
+    answer = broker.workload.release("customers", _evidence(recipient, nonce), nonce, recipient.public_key)
+    assert answer["policy_id"] == second != first
+    broker.owner.revoke_policy(second)
+    assert error_reason(_attempt(broker, "customers")) == "policy_refused"
+
+
 def test_workload_cannot_call_owner_routes(broker: Broker) -> None:
     with pytest.raises(BrokerRefused) as caught:
         broker.workload.create_key("stolen")
@@ -255,6 +323,21 @@ def test_reused_stale_and_unknown_nonces(broker: Broker) -> None:
     with pytest.raises(AttestationError) as caught:
         broker.workload.release("customers", _evidence(recipient, stale), stale, recipient.public_key)
     assert caught.value.reason == "stale_nonce"
+
+
+def test_a_refused_attempt_uses_up_its_nonce(broker: Broker) -> None:
+    _setup_key(broker)
+    recipient = EphemeralRecipient()
+    nonce = broker.workload.nonce()["nonce"]
+    with pytest.raises(BrokerRefused) as refused:
+        broker.workload.release(
+            "customers", _evidence(recipient, nonce, OTHER_MEASUREMENT), nonce, recipient.public_key
+        )
+    assert error_reason(refused.value) == "policy_refused"
+    with pytest.raises(AttestationError) as again:  # right evidence, same nonce: too late
+        broker.workload.release("customers", _evidence(recipient, nonce), nonce, recipient.public_key)
+    assert again.value.reason == "reused_nonce"
+    assert "key.released" not in [e.event for e in broker.store.iter_audit()]
 
 
 def test_refusals_carry_no_key_bytes(broker: Broker) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from broker_testdata import ROOT_KEY
@@ -85,14 +86,36 @@ def test_a_replayed_request_nonce_is_refused(store: BrokerStore) -> None:
     assert refused.value.reason == "unknown_nonce"
 
 
-def test_expired_nonces_are_purged(store: BrokerStore) -> None:
+def test_issuing_writes_nothing_and_used_nonces_are_purged_after_expiry(store: BrokerStore) -> None:
     short = store.issue_nonce("attest", timedelta(seconds=10), now=T0)
     long = store.issue_nonce("attest", TTL, now=T0)
+    assert store.purge_expired_nonces(T0 + timedelta(days=1)) == 0  # issued nonces are not stored
+    store.consume_nonce(short.value, "attest", T0)
+    store.consume_nonce(long.value, "attest", T0)
     store.remember_request_nonce("a-one", "0123456789abcdef", T0 + timedelta(seconds=10))
-    assert store.purge_expired_nonces(T0 + timedelta(minutes=1)) == 2
+    assert store.purge_expired_nonces(T0 + timedelta(minutes=1)) == 2  # the short nonce and the request nonce
+    with pytest.raises(AttestationError, match="expired"):  # purged: its expiry still refuses it
+        store.consume_nonce(short.value, "attest", T0 + timedelta(minutes=1))
+    with pytest.raises(AttestationError, match="already used"):
+        store.consume_nonce(long.value, "attest", T0 + timedelta(minutes=1))
+
+
+@pytest.mark.parametrize("flip", [0, 8, 16, 31])
+def test_a_forged_or_altered_nonce_is_unknown(store: BrokerStore, flip: int) -> None:
+    import base64
+
+    raw = bytearray(base64.urlsafe_b64decode(store.issue_nonce("attest", TTL, now=T0).value + "="))
+    raw[flip] ^= 0x01  # e.g. a later expiry, or another random part, without the broker's MAC
+    with pytest.raises(AttestationError) as refused:
+        store.consume_nonce(base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("="), "attest", T0)
+    assert refused.value.reason == "unknown_nonce"
+
+
+def test_nonces_from_a_store_with_another_root_key_are_unknown(store: BrokerStore, tmp_path: Path) -> None:
+    with BrokerStore(f"sqlite:///{tmp_path}/other.db", bytes(32)) as other:
+        foreign = other.issue_nonce("attest", TTL, now=T0)
     with pytest.raises(AttestationError, match="never issued"):
-        store.consume_nonce(short.value, "attest", T0)
-    store.consume_nonce(long.value, "attest", T0 + timedelta(minutes=1))
+        store.consume_nonce(foreign.value, "attest", T0)
 
 
 def test_nonce_purposes_and_lifetimes_are_checked(store: BrokerStore) -> None:

@@ -21,6 +21,7 @@ key material and api key hashes.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,6 +150,7 @@ class StoreCore:
 
     _root: RootKey
     _url: str
+    _request_local: threading.local
 
     def _write(self) -> AbstractContextManager[Session]:
         """A write transaction (SQLite: ``BEGIN IMMEDIATE``)."""

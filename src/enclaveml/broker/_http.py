@@ -2,8 +2,10 @@
 
 Every ``/v1`` route but health is an :func:`endpoint`: it reads the raw body, then, in a
 worker thread (the store is synchronous), checks the request signature
-(``auth.verify_request`` with the store's signing keys and request nonces), the caller's
-role, runs the handler and turns any error into the contract's JSON error
+(``auth.verify_request`` with the store's cached signing keys) and the caller's role, runs
+the handler inside ``store.request_scope`` (which records the request's nonce in the
+handler's first write transaction and refuses a replay) and turns any error into the
+contract's JSON error
 ``{"error", "message", "hint"}``. Every authentication or role refusal is audited
 (``store.record_refusal``); handlers audit their own refusals through :meth:`BrokerContext.refuse`.
 """
@@ -28,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from enclaveml.attestation.collateral import Collateral
-from enclaveml.broker.auth import HEADER_APP, verify_request
-from enclaveml.broker.models import App, Role
-from enclaveml.broker.store import BrokerStore, ReleaseRefused
+from enclaveml.broker.auth import HEADER_APP, SignedRequest, verify_request
+from enclaveml.broker.models import App, IssuedNonce, Role
+from enclaveml.broker.store import BrokerStore, ReleaseRefused, ReplayedRequest
 from enclaveml.errors import (
     AttestationError,
     AuthError,
@@ -150,9 +152,12 @@ class BrokerContext:
         *,
         now: datetime,
         detail: Mapping[str, Any] | None = None,
+        nonce: IssuedNonce | None = None,
     ) -> ApiError:
-        """Audit ``<action>.refused`` and return the error to raise."""
-        self.store.record_refusal(action, actor=caller, subject=subject, reason=reason, detail=detail, now=now)
+        """Audit ``<action>.refused`` (marking ``nonce`` used with it) and return the error to raise."""
+        self.store.record_refusal(
+            action, actor=caller, subject=subject, reason=reason, detail=detail, now=now, nonce=nonce
+        )
         return ApiError(status, reason, message, hint)
 
 
@@ -217,7 +222,10 @@ def _signed_path(request: Request) -> str:
     return f"{path}?{query.decode('latin-1')}" if query else path
 
 
-def authenticate(ctx: BrokerContext, request: Request, body: bytes, now: datetime, roles: Collection[Role]) -> App:
+def authenticate(
+    ctx: BrokerContext, request: Request, body: bytes, now: datetime, roles: Collection[Role]
+) -> tuple[App, SignedRequest]:
+    """The caller, after its signature and role; its nonce is left to ``store.request_scope``."""
     path = _signed_path(request)
     claimed = request.headers.get(HEADER_APP, "") or "anonymous"
     try:
@@ -228,7 +236,7 @@ def authenticate(ctx: BrokerContext, request: Request, body: bytes, now: datetim
             body,
             now=now,
             lookup_key=ctx.store.signing_key_for,
-            remember_nonce=ctx.store.remember_request_nonce,
+            remember_nonce=None,
         )
     except AuthError as exc:
         reason = _auth_reason(exc)
@@ -250,7 +258,7 @@ def authenticate(ctx: BrokerContext, request: Request, body: bytes, now: datetim
             now=now,
             detail={"role": str(app.role), "method": request.method},
         )
-    return app
+    return app, signed
 
 
 def api_error_for(exc: EnclaveMLError) -> ApiError:
@@ -284,8 +292,14 @@ Handler = Callable[[BrokerContext, Call], "dict[str, Any] | list[Any] | tuple[in
 def _run(ctx: BrokerContext, request: Request, body: bytes, roles: Collection[Role], handler: Handler) -> Response:
     now = ctx.now_fn()
     try:
-        caller = authenticate(ctx, request, body, now, roles)
-        result = handler(ctx, Call(request, body, caller, now))
+        caller, signed = authenticate(ctx, request, body, now, roles)
+        with ctx.store.request_scope(signed.app_id, signed.nonce, signed.expires):
+            result = handler(ctx, Call(request, body, caller, now))
+    except ReplayedRequest as exc:
+        detail = {"method": request.method, "path": _signed_path(request)[:200]}
+        actor = caller.app_id
+        refusal = ctx.refuse("auth", actor, actor, 401, "replayed_request", exc.what, exc.hint, now=now, detail=detail)
+        return refusal.response()
     except ApiError as exc:
         return exc.response()
     except EnclaveMLError as exc:

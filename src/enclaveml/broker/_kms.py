@@ -22,7 +22,6 @@ from enclaveml.broker.models import KeyRow, KeyVersionRow
 from enclaveml.crypto._keywrap import unwrap_key, wrap_key
 from enclaveml.errors import ConfigError, KeyNotFound
 from enclaveml.kms._protocol import KeyInfo, KeyVersionInfo, WrappedKey
-from enclaveml.runtime.session import ReleasedKey
 
 __all__ = ["BrokerKms"]
 
@@ -45,16 +44,12 @@ class BrokerKms(StoreCore):
         return KeyVersionRow(key_id=key_id, version=version, created=created, state="enabled", sealed_material=sealed)
 
     def _material(self, version: KeyVersionRow) -> bytes:
-        if version.sealed_material is None:
-            raise KeyNotFound(f"key {version.key_id} version {version.version} was destroyed")
-        return self._root.open(
-            version.sealed_material, table="key_versions", row_id=version.key_id, version=version.version
-        )
+        return self._open_version(version.key_id, version.version, version.sealed_material)
 
-    def _materials(self, key: KeyRow) -> list[ReleasedKey]:
-        """Every enabled version's material, oldest first (the newest is the primary)."""
-        enabled = (v for v in key.versions if v.state == "enabled")
-        return [ReleasedKey(key.name, key.key_id, v.version, self._material(v)) for v in enabled]
+    def _open_version(self, key_id: str, version: int, sealed: bytes | None) -> bytes:
+        if sealed is None:
+            raise KeyNotFound(f"key {key_id} version {version} was destroyed")
+        return self._root.open(sealed, table="key_versions", row_id=key_id, version=version)
 
     def _find_key_or_none(self, session: Session, name_or_id: str, *, for_update: bool = False) -> KeyRow | None:
         query = select(KeyRow).where(or_(KeyRow.key_id == name_or_id, KeyRow.name == name_or_id))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from enclaveml.broker.models import AuditRow
@@ -46,6 +46,7 @@ __all__ = ["GENESIS_HASH", "AuditEntry", "AuditReport", "append_audit", "check_a
 GENESIS_HASH = bytes(32)
 _AUDIT_LOCK_ID = 0x656E636D_61756474  # "encm" "audt"
 _ACTOR_MAX, _SUBJECT_MAX = 128, 256
+_COLUMNS = ("seq", "at", "event", "actor", "subject", "prev_hash", "hash", "seal")
 
 
 def canonical_json(obj: object) -> bytes:
@@ -109,20 +110,11 @@ def append_audit(
     seq = 1 if last is None else last.seq + 1
     prev = GENESIS_HASH if last is None else bytes.fromhex(last.hash)
     digest = entry_hash(prev, seq, at, event, actor, subject, json.loads(detail_text))
-    row = AuditRow(
-        seq=seq,
-        at=at,
-        event=event,
-        actor=actor,
-        subject=subject,
-        detail=detail_text,
-        prev_hash=prev.hex(),
-        hash=digest.hex(),
-        seal=root.audit_seal(digest).hex(),
-    )
-    session.add(row)
-    session.flush()
-    return AuditEntry.from_row(row)
+    seal = root.audit_seal(digest).hex()
+    entry = AuditEntry(seq, at, event, actor, subject, detail_text, prev.hex(), digest.hex(), seal)
+    values = {name: getattr(entry, name) for name in _COLUMNS}
+    session.execute(insert(AuditRow).values(detail=detail_text, **values))  # Core: the release hot path
+    return entry
 
 
 @dataclass(frozen=True)

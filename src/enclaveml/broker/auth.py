@@ -88,6 +88,7 @@ class SignedRequest:
     app_id: str
     nonce: str
     timestamp: int
+    expires: int  # seconds since the epoch: remember the nonce until then
 
 
 def verify_request(
@@ -98,13 +99,15 @@ def verify_request(
     *,
     now: datetime,
     lookup_key: Callable[[str], bytes | None],
-    remember_nonce: Callable[[str, str, int], bool],
+    remember_nonce: Callable[[str, str, int], bool] | None,
     window_s: int = SIGNATURE_WINDOW_S,
 ) -> SignedRequest:
     """Check a request's signature headers; returns who sent it or raises ``AuthError``.
 
     ``lookup_key(app_id)`` returns the app's signing key or None; ``remember_nonce(app_id,
     nonce, expires_at_epoch)`` records the nonce and returns False if it was already known.
+    With ``remember_nonce=None`` the caller must record ``SignedRequest.nonce`` (until
+    ``SignedRequest.expires``) before acting on the request.
     """
     lowered = {k.lower(): v for k, v in headers.items()}
     fields = [lowered.get(h.lower(), "") for h in (HEADER_APP, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)]
@@ -125,6 +128,6 @@ def verify_request(
             f"(allowed: {window_s} s)",
             "synchronise the client's clock (NTP)",
         )
-    if not remember_nonce(app_id, nonce, sent + window_s):
+    if remember_nonce is not None and not remember_nonce(app_id, nonce, sent + window_s):
         raise AuthError("request was replayed (nonce already used)", "sign every request with a fresh nonce")
-    return SignedRequest(app_id, nonce, sent)
+    return SignedRequest(app_id, nonce, sent, sent + window_s)

@@ -16,6 +16,7 @@ Everything else is derived with HKDF-SHA256 (no salt, 32 bytes), one label per u
     material_key  info "enclaveml broker material wrap"  wraps primary key versions and signing keys
     pepper        info "enclaveml broker api key pepper" api_key_hash = HMAC(pepper, "api-key"‖0‖app_id‖0‖api_key)
     audit_key     info "enclaveml broker audit seal"     seal = HMAC(audit_key, entry hash)
+    nonce_key     info "enclaveml broker nonce mac"      attestation nonces (``_nonces.py``)
 
 Sealed material is ``nonce(12) ‖ AES-256-GCM(material_key, nonce, material, aad)`` with
 ``aad = "enclaveml/broker/seal/v1" ‖ 0 ‖ table ‖ 0 ‖ row id ‖ 0 ‖ u32be(version)``, so a
@@ -122,6 +123,7 @@ class RootKey:
         self._material = AESGCM(_hkdf(key, b"enclaveml broker material wrap"))
         self._pepper = _hkdf(key, b"enclaveml broker api key pepper")
         self._audit_key = _hkdf(key, b"enclaveml broker audit seal")
+        self._nonce_key = _hkdf(key, b"enclaveml broker nonce mac")
 
     def __repr__(self) -> str:
         return "RootKey(<secret>)"
@@ -150,3 +152,6 @@ class RootKey:
 
     def audit_seal(self, entry_hash: bytes) -> bytes:
         return _hmac(self._audit_key, entry_hash)
+
+    def nonce_mac(self, message: bytes) -> bytes:
+        return _hmac(self._nonce_key, message)

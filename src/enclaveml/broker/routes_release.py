@@ -1,11 +1,14 @@
 """Workload routes: nonces, attestation results and key release (docs/broker-api.md).
 
-Release, in this order: consume the nonce (single use, 5 min) → verify the evidence
-(``verify_evidence``; simulated evidence from any signer when no simulation key is pinned)
-→ check ``report_data == release_binding(public_key, nonce)`` → evaluate every unrevoked
-policy bound to the key, release under the first that allows → ``store.release_key_material``
-→ HPKE-seal the bundle to the presented public key. Every refusal is audited with its
-reason and answers with no key bytes.
+Release, in this order: check the nonce (issued by us, unexpired: ``store.check_nonce``)
+→ verify the evidence (``verify_evidence``; simulated evidence from any signer when no
+simulation key is pinned) → check ``report_data == release_binding(public_key, nonce)`` →
+evaluate every unrevoked policy bound to the key (a list cached ``POLICY_CACHE_S``), release
+under the first that allows → ``store.release_key_material`` → HPKE-seal the bundle to the
+presented public key. The nonce is marked used in the one transaction that records the
+outcome — the release with its audit entry, or the refusal's audit entry — so every attempt
+uses up its nonce, and a nonce used before is refused ``reused_nonce`` with nothing
+released. Every refusal is audited with its reason and answers with no key bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from starlette.routing import Route
 from enclaveml.attestation.evidence import VerifiedEvidence, verify_evidence
 from enclaveml.attestation.policy import Decision, Policy
 from enclaveml.broker._http import ApiError, BrokerContext, Call, b64_field, endpoint, str_field
-from enclaveml.broker.models import PolicyRecord, Role
+from enclaveml.broker.models import IssuedNonce, PolicyRecord, Role
 from enclaveml.crypto.key_release import release_binding, seal_for_recipient
 from enclaveml.errors import AttestationError, ConfigError, KeyNotFound, PolicyError
 
@@ -32,6 +35,7 @@ NONCE_PURPOSE = "attest"
 NONCE_TTL = timedelta(minutes=5)
 RESULT_ISSUER = "enclaveml-broker"
 _RESULT_TTL_S = 300
+POLICY_CACHE_S = 5.0  # how long another broker process's new policy may go unseen (store.policies_for_key)
 _WORKLOAD = (Role.WORKLOAD,)
 
 
@@ -55,24 +59,32 @@ def issue_nonce(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     return {"nonce": nonce_bytes(issued.value).hex(), "expires_at": issued.expires_at.isoformat()}
 
 
-def _verify(ctx: BrokerContext, call: Call, action: str, subject: str, evidence: bytes) -> VerifiedEvidence:
-    """Consume nothing; verify ``evidence`` or raise an audited 422."""
-    caller = call.caller.app_id
+def _verify(
+    ctx: BrokerContext, call: Call, action: str, subject: str, evidence: bytes, nonce: IssuedNonce | None = None
+) -> VerifiedEvidence:
+    """Verify ``evidence`` or raise an audited 422 (which marks ``nonce`` used)."""
+    caller, now = call.caller.app_id, call.now
     try:
         return verify_evidence(
-            evidence, now=call.now, collateral=ctx.collateral, sim_trusted_keys=ctx.sim_trusted_keys or None
+            evidence, now=now, collateral=ctx.collateral, sim_trusted_keys=ctx.sim_trusted_keys or None
         )
     except AttestationError as exc:
-        raise ctx.refuse(action, caller, subject, 422, exc.reason, exc.what, exc.hint, now=call.now) from None
+        raise ctx.refuse(action, caller, subject, 422, exc.reason, exc.what, exc.hint, now=now, nonce=nonce) from None
     except ConfigError as exc:
         reason = "collateral_unavailable"
-        raise ctx.refuse(action, caller, subject, 422, reason, exc.what, exc.hint, now=call.now) from None
+        raise ctx.refuse(action, caller, subject, 422, reason, exc.what, exc.hint, now=now, nonce=nonce) from None
 
 
 def _consume(ctx: BrokerContext, call: Call, nonce_hex: str) -> bytes:
     stored, raw = _stored_nonce(nonce_hex)
     ctx.store.consume_nonce(stored, NONCE_PURPOSE, call.now, actor=call.caller.app_id)  # audits its refusals
     return raw
+
+
+def _check(ctx: BrokerContext, call: Call, nonce_hex: str) -> tuple[IssuedNonce, bytes]:
+    """An issued, unexpired nonce, to be marked used with the attempt's outcome (audited refusals)."""
+    stored, raw = _stored_nonce(nonce_hex)
+    return ctx.store.check_nonce(stored, NONCE_PURPOSE, call.now, actor=call.caller.app_id), raw
 
 
 def _insecure(verified: VerifiedEvidence, decision: Decision | None = None) -> bool:
@@ -102,18 +114,22 @@ def attest(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     return {"claims": claims, "insecure": insecure, "token": token}
 
 
-def _evaluate(ctx: BrokerContext, call: Call, name: str, verified: VerifiedEvidence) -> tuple[PolicyRecord, Decision]:
+def _evaluate(
+    ctx: BrokerContext, call: Call, name: str, verified: VerifiedEvidence, nonce: IssuedNonce
+) -> tuple[PolicyRecord, Decision]:
     caller, now = call.caller.app_id, call.now
     try:
-        bound = ctx.store.policies_for_key(name, include_revoked=True)
+        bound = ctx.store.policies_for_key(name, include_revoked=True, max_age_s=POLICY_CACHE_S)
     except KeyNotFound as exc:
-        raise ctx.refuse("release", caller, name, 404, "unknown_key", exc.what, exc.hint, now=now) from None
+        raise ctx.refuse(
+            "release", caller, name, 404, "unknown_key", exc.what, exc.hint, now=now, nonce=nonce
+        ) from None
     live = [record for record in bound if not record.revoked]
     if not live:
         reason = "policy_revoked" if bound else "key_not_bound"
         what = f"every policy bound to key {name} was revoked" if bound else f"no policy may receive key {name}"
         hint = "an owner registers a policy for this key (`enclaveml policy register POLICY.toml --key NAME`)"
-        raise ctx.refuse("release", caller, name, 403, reason, what, hint, now=now)
+        raise ctx.refuse("release", caller, name, 403, reason, what, hint, now=now, nonce=nonce)
     refusals: list[str] = []
     checks: set[str] = set()
     for record in live:
@@ -139,6 +155,7 @@ def _evaluate(ctx: BrokerContext, call: Call, name: str, verified: VerifiedEvide
         "compare the workload's claims with the policy (`enclaveml attest verify --policy`)",
         now=now,
         detail={"policies": [r.policy_id for r in live], "failed_checks": failed},
+        nonce=nonce,
     )
 
 
@@ -146,8 +163,8 @@ def release(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     name, body = call.param("name"), call.json()
     evidence, nonce_hex = b64_field(body, "evidence"), str_field(body, "nonce")
     public_key = b64_field(body, "public_key", size=32)
-    nonce = _consume(ctx, call, nonce_hex)
-    verified = _verify(ctx, call, "release", name, evidence)
+    claim, nonce = _check(ctx, call, nonce_hex)
+    verified = _verify(ctx, call, "release", name, evidence, claim)
     if not hmac.compare_digest(verified.claims.report_data, release_binding(public_key, nonce)):
         raise ctx.refuse(
             "release",
@@ -159,9 +176,12 @@ def release(ctx: BrokerContext, call: Call) -> dict[str, Any]:
             "(expected SHA-256(label ‖ public_key ‖ nonce))",
             "obtain evidence whose report data is release_binding(public_key, nonce)",
             now=call.now,
+            nonce=claim,
         )
-    record, decision = _evaluate(ctx, call, name, verified)
-    released = ctx.store.release_key_material(record.policy_id, name, actor=call.caller.app_id, now=call.now)
+    record, decision = _evaluate(ctx, call, name, verified, claim)
+    released = ctx.store.release_key_material(
+        record.policy_id, name, actor=call.caller.app_id, now=call.now, nonce=claim
+    )
     bundle = {
         "keys": [
             {

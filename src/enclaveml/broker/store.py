@@ -24,20 +24,29 @@ import json
 import os
 import re
 import secrets
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from enclaveml.attestation.policy import Policy
-from enclaveml.broker._database import WRITE_OPTION, as_utc, create_broker_engine, insert_ignore, redacted_url
+from enclaveml.broker._database import (
+    WRITE_OPTION,
+    as_utc,
+    create_broker_engine,
+    insert_ignore,
+    redacted_url,
+    table_of,
+)
 from enclaveml.broker._kms import BrokerKms
-from enclaveml.broker._nonces import REQUEST_NONCE_PURPOSE, BrokerNonces
+from enclaveml.broker._nonces import REQUEST_NONCE_PURPOSE, BrokerNonces, ReplayedRequest
 from enclaveml.broker.audit import AuditEntry, append_audit
 from enclaveml.broker.auth import derive_signing_key
 from enclaveml.broker.migrations import upgrade_to_head
@@ -46,7 +55,9 @@ from enclaveml.broker.models import (
     AppRow,
     AuditRow,
     EnrolledApp,
+    IssuedNonce,
     KeyRow,
+    KeyVersionRow,
     MetaRow,
     PolicyKeyRow,
     PolicyRecord,
@@ -58,11 +69,13 @@ from enclaveml.errors import AuthError, ConfigError, KeyServiceError, KeyStoreCo
 from enclaveml.kms.local import SCRYPT_DEFAULT, ScryptParams
 from enclaveml.runtime.session import ReleasedKey
 
-__all__ = ["REQUEST_NONCE_PURPOSE", "BrokerStore", "ReleaseRefused"]
+__all__ = ["APP_CACHE_TTL_S", "REQUEST_NONCE_PURPOSE", "BrokerStore", "ReleaseRefused", "ReplayedRequest"]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_POLICY_TEXT = 64 * 1024
 _DUMMY_APP = "a-0000000000000000"
+APP_CACHE_TTL_S = 5.0
+_APP_CACHE_MAX = 4096
 
 
 class ReleaseRefused(PolicyError):
@@ -106,16 +119,14 @@ def _policy(session: Session, row: PolicyRow) -> PolicyRecord:
     return PolicyRecord(row.policy_id, row.name, row.document, row.revoked, row.created, tuple(sorted(keys)))
 
 
-def _release_refusal(
-    session: Session, policy_id: str, policy: PolicyRow | None, key_name: str, key: KeyRow | None
-) -> ReleaseRefused | None:
+def _release_refusal(policy_id: str, policy: Any, key_name: str, key: Any, bound: bool) -> ReleaseRefused | None:
     if policy is None:
         return ReleaseRefused("unknown_policy", f"no policy {policy_id!r}")
     if policy.revoked:
         return ReleaseRefused("policy_revoked", f"policy {policy.name} ({policy_id}) was revoked")
     if key is None:
         return ReleaseRefused("unknown_key", f"no key {key_name!r}")
-    if session.get(PolicyKeyRow, (policy_id, key.key_id)) is None:
+    if not bound:
         return ReleaseRefused("key_not_bound", f"policy {policy.name} may not receive key {key.name}")
     return None
 
@@ -131,6 +142,14 @@ class BrokerStore(BrokerKms, BrokerNonces):
         self._engine = create_broker_engine(url)
         self._reads = sessionmaker(self._engine, expire_on_commit=False)
         self._writes = sessionmaker(self._engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+        # SQLite has one writer: queue this process's writers here rather than in SQLite's
+        # busy handler, which sleeps (up to 100 ms a try) instead of waking the next in line.
+        sqlite = self._engine.dialect.name == "sqlite"
+        self._write_lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        self._request_local = threading.local()
+        self._app_cache: dict[str, tuple[float, App | None, bytes | None]] = {}
+        self._policy_cache: dict[tuple[str, bool], tuple[float, tuple[PolicyRecord, ...]]] = {}
+        self._policy_generation = 0
         # Unknown apps are checked against these, so they cost what a known app costs.
         self._dummy_hash = os.urandom(32)
         self._dummy_sealed = self._root.seal(os.urandom(32), table="apps", row_id=_DUMMY_APP)
@@ -202,8 +221,15 @@ class BrokerStore(BrokerKms, BrokerNonces):
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        with self._writes.begin() as session:
+        """A write transaction; the current signed request's nonce, if pending, goes in first."""
+        pending = self._pending_request_nonce()
+        with self._write_lock, self._writes.begin() as session:
+            if pending is not None and not self._insert_request_nonce(session, pending.value, pending.expires_at):
+                pending.replayed = True
+                raise ReplayedRequest
             yield session
+        if pending is not None:
+            pending.recorded = True
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
@@ -222,9 +248,15 @@ class BrokerStore(BrokerKms, BrokerNonces):
         reason: str,
         detail: Mapping[str, Any] | None = None,
         now: datetime | None = None,
+        nonce: IssuedNonce | None = None,
     ) -> None:
-        """Append ``<action>.refused`` to the audit log (``detail``: ids and reasons, never keys)."""
+        """Append ``<action>.refused`` to the audit log (``detail``: ids and reasons, never keys).
+
+        ``nonce`` (from ``check_nonce``): the attempt's nonce, marked used in the same transaction.
+        """
         with self._write() as session:
+            if nonce is not None:
+                self._burn_nonce(session, nonce)  # already used: the refusal stands either way
             self._audit(session, f"{action}.refused", actor, subject, as_utc(now), reason=reason, **(detail or {}))
 
     def iter_audit(self, *, after_seq: int | None = None) -> Iterator[AuditEntry]:
@@ -267,6 +299,7 @@ class BrokerStore(BrokerKms, BrokerNonces):
                 self._audit(session, "app.enrolled", actor, app_id, ts, name=name, role=role.value)
         except DatabaseIntegrityError:
             raise ConfigError(f"app {name} is already enrolled", "choose another name") from None
+        self._app_cache.pop(app_id, None)
         return EnrolledApp(_app(row), api_key)
 
     def disable_app(self, app_id: str, *, actor: str = "system", now: datetime | None = None) -> App:
@@ -277,16 +310,38 @@ class BrokerStore(BrokerKms, BrokerNonces):
                 raise ConfigError(f"no app {app_id!r}", "`enclaveml broker apps` lists the enrolled apps")
             row.disabled = True
             self._audit(session, "app.disabled", actor, app_id, ts, name=row.name)
-            return _app(row)
+            app = _app(row)
+        self._app_cache.pop(app_id, None)  # after the commit: a reader cannot cache the old row again
+        return app
 
     def list_apps(self) -> list[App]:
         with self._read() as session:
             return [_app(row) for row in session.scalars(select(AppRow).order_by(AppRow.created, AppRow.app_id))]
 
     def find_app(self, app_id: str) -> App | None:
+        return self._cached_app(app_id)[0]
+
+    def _cached_app(self, app_id: str) -> tuple[App | None, bytes | None]:
+        """``(app, signing key)`` (key None when unknown or disabled), cached ``APP_CACHE_TTL_S``.
+
+        Every request looks its caller up twice; the cache spares the database. This store's
+        own ``disable_app`` takes effect at once; a disable by another broker process sharing
+        the database within ``APP_CACHE_TTL_S``. Unknown app ids are cached too (bounded),
+        so they cost what a known app costs.
+        """
+        cached = self._app_cache.get(app_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1], cached[2]
         with self._read() as session:
             row = session.get(AppRow, app_id)
-            return None if row is None else _app(row)
+            sealed, row_id = (row.sealed_signing_key, app_id) if row is not None else (self._dummy_sealed, _DUMMY_APP)
+            key = self._root.open(sealed, table="apps", row_id=row_id)
+            app = None if row is None else _app(row)
+        key_or_none = key if app is not None and not app.disabled else None
+        if len(self._app_cache) >= _APP_CACHE_MAX:
+            self._app_cache.clear()
+        self._app_cache[app_id] = (time.monotonic() + APP_CACHE_TTL_S, app, key_or_none)
+        return app, key_or_none
 
     def hash_api_key(self, app_id: str, api_key: bytes) -> bytes:
         """The keyed hash stored for ``api_key`` (``root_key.py``); compare with ``hmac.compare_digest``."""
@@ -315,11 +370,7 @@ class BrokerStore(BrokerKms, BrokerNonces):
 
     def signing_key_for(self, app_id: str) -> bytes | None:
         """The request-signing key (``auth.py``) of an enabled app, else None, in equal time."""
-        with self._read() as session:
-            row = session.get(AppRow, app_id)
-            sealed, row_id = (row.sealed_signing_key, app_id) if row is not None else (self._dummy_sealed, _DUMMY_APP)
-            key = self._root.open(sealed, table="apps", row_id=row_id)
-            return key if row is not None and not row.disabled else None
+        return self._cached_app(app_id)[1]
 
     # -- policies -----------------------------------------------------------------------
 
@@ -339,7 +390,9 @@ class BrokerStore(BrokerKms, BrokerNonces):
             session.add_all(PolicyKeyRow(policy_id=policy_id, key_id=key_id) for key_id in key_ids)
             digest = hashlib.sha256(toml_text.encode()).hexdigest()
             self._audit(session, "policy.registered", actor, policy_id, ts, name=name, keys=key_ids, sha256=digest)
-            return _policy(session, row)
+            record = _policy(session, row)
+        self._policies_changed()
+        return record
 
     def get_policy(self, policy_id: str) -> PolicyRecord:
         with self._read() as session:
@@ -365,41 +418,101 @@ class BrokerStore(BrokerKms, BrokerNonces):
             if not row.revoked:
                 row.revoked, row.revoked_at = True, ts
                 self._audit(session, "policy.revoked", actor, policy_id, ts, name=row.name)
-            return _policy(session, row)
+            record = _policy(session, row)
+        self._policies_changed()
+        return record
 
-    def policies_for_key(self, name_or_id: str, *, include_revoked: bool = False) -> list[PolicyRecord]:
-        """The policies that may receive the key (unrevoked ones unless asked)."""
+    def policies_for_key(
+        self, name_or_id: str, *, include_revoked: bool = False, max_age_s: float = 0.0
+    ) -> list[PolicyRecord]:
+        """The policies that may receive the key (unrevoked ones unless asked).
+
+        ``max_age_s`` > 0 accepts an answer cached that long (the release route's policy
+        lookup). This store's own policy changes clear the cache at once; another broker
+        process's become visible within ``max_age_s``. A cached list never releases under a
+        revoked policy: ``release_key_material`` re-reads the policy in its transaction.
+        """
+        wanted = (name_or_id, include_revoked)
+        cached = self._policy_cache.get(wanted)
+        if max_age_s > 0 and cached is not None and cached[0] > time.monotonic():
+            return list(cached[1])
+        generation = self._policy_generation
         with self._read() as session:
             key_id = self._find_key(session, name_or_id).key_id
             query = select(PolicyRow).join(PolicyKeyRow).where(PolicyKeyRow.key_id == key_id)
             if not include_revoked:
                 query = query.where(PolicyRow.revoked.is_(False))
             query = query.order_by(PolicyRow.created, PolicyRow.policy_id)
-            return [_policy(session, row) for row in session.scalars(query)]
+            found = [_policy(session, row) for row in session.scalars(query)]
+        if max_age_s > 0 and generation == self._policy_generation:  # no change of ours since the read began
+            if len(self._policy_cache) >= _APP_CACHE_MAX:
+                self._policy_cache.clear()
+            self._policy_cache[wanted] = (time.monotonic() + max_age_s, tuple(found))
+        return found
+
+    def _policies_changed(self) -> None:
+        """After a committed policy change: forget cached policy lists."""
+        self._policy_generation += 1
+        self._policy_cache.clear()
 
     # -- key release --------------------------------------------------------------------
 
     def release_key_material(
-        self, policy_id: str, key_name: str, *, actor: str = "anonymous", now: datetime | None = None
+        self,
+        policy_id: str,
+        key_name: str,
+        *,
+        actor: str = "anonymous",
+        now: datetime | None = None,
+        nonce: IssuedNonce | None = None,
     ) -> list[ReleasedKey]:
         """Every enabled version of the key, if the (unrevoked) policy covers it; else ``ReleaseRefused``.
 
-        The caller has already verified the workload's evidence against this policy.
+        The caller has already verified the workload's evidence against this policy. ``nonce``
+        (from ``check_nonce``) is marked used in the same transaction; if it already was, the
+        release is refused (``AttestationError`` ``reused_nonce``) and nothing is released.
         """
         ts = as_utc(now)
+        released: list[ReleasedKey] = []
         with self._write() as session:
-            # FOR SHARE: a concurrent revocation commits either wholly before or after this release.
-            policy = session.get(PolicyRow, policy_id, with_for_update={"read": True})
-            key = self._find_key_or_none(session, key_name)
-            refusal = _release_refusal(session, policy_id, policy, key_name, key)
-            if refusal is None:
-                assert key is not None
-                released = self._materials(key)
-                versions = [k.version for k in released]
-                self._audit(session, "key.released", actor, key.key_id, ts, policy_id=policy_id, versions=versions)
+            if nonce is not None and not self._burn_nonce(session, nonce):
+                error = self._nonce_refused(session, "reused_nonce", nonce.purpose, actor, ts)
+                released, refusal = [], None
             else:
-                reason = refusal.reason
-                self._audit(session, "release.refused", actor, key_name, ts, policy_id=policy_id, reason=reason)
+                error, refusal = None, self._release_in(session, policy_id, key_name, actor, ts, released)
+        if error is not None:
+            raise error
         if refusal is not None:
             raise refusal
         return released
+
+    def _release_in(
+        self, session: Session, policy_id: str, key_name: str, actor: str, ts: datetime, released: list[ReleasedKey]
+    ) -> ReleaseRefused | None:
+        """The release, in ``session``: fills ``released`` and audits; returns the refusal, if any.
+
+        Core, not the ORM: this is the broker's hot path (docs/performance.md).
+        """
+        policies, keys, bindings, versions = (table_of(t) for t in (PolicyRow, KeyRow, PolicyKeyRow, KeyVersionRow))
+        conn = session.connection()
+        policy_query = select(policies.c.name, policies.c.revoked).where(policies.c.policy_id == policy_id)
+        # FOR SHARE: a concurrent revocation commits either wholly before or after this release.
+        policy = conn.execute(policy_query.with_for_update(read=True)).first()
+        by_name_or_id = or_(keys.c.key_id == key_name, keys.c.name == key_name)
+        key = conn.execute(select(keys.c.key_id, keys.c.name).where(by_name_or_id)).first()
+        binding = select(bindings.c.key_id).where(bindings.c.policy_id == policy_id)
+        bound = key is not None and conn.execute(binding.where(bindings.c.key_id == key.key_id)).first() is not None
+        refusal = _release_refusal(policy_id, policy, key_name, key, bound)
+        if refusal is not None:
+            reason = refusal.reason
+            self._audit(session, "release.refused", actor, key_name, ts, policy_id=policy_id, reason=reason)
+            return refusal
+        assert key is not None
+        enabled = select(versions.c.version, versions.c.sealed_material).where(
+            versions.c.key_id == key.key_id, versions.c.state == "enabled"
+        )
+        for version, sealed in conn.execute(enabled.order_by(versions.c.version)):
+            released.append(ReleasedKey(key.name, key.key_id, version, self._open_version(key.key_id, version, sealed)))
+        numbers = [k.version for k in released]
+        self._audit(session, "key.released", actor, key.key_id, ts, policy_id=policy_id, versions=numbers)
+        return None
