@@ -1,4 +1,4 @@
-"""The broker's HTTP API in-process (Starlette TestClient, SQLite store): routes, auth, release, attacks."""
+"""The broker's HTTP API in-process (Starlette TestClient; SQLite and PostgreSQL): routes, auth, release, attacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import jwt
 import pytest
@@ -47,8 +46,9 @@ class Broker:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    store = BrokerStore(f"sqlite:///{tmp_path / 'broker.db'}", ROOT_KEY)
+def broker(store_url: str) -> Iterator[Broker]:
+    """The whole API suite runs on SQLite and on a real PostgreSQL server (``store_url``)."""
+    store = BrokerStore(store_url, ROOT_KEY)
     admin = store.enroll_app("admin", "admin")
     app = create_app(store, now_fn=lambda: datetime.now(UTC))
     with TestClient(app) as http:
