@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from enclaveml.attestation.collateral import Collateral
+from enclaveml.attestation.collateral_source import CollateralSource
 from enclaveml.broker.auth import HEADER_APP, SignedRequest, verify_request
 from enclaveml.broker.models import App, IssuedNonce, Role
 from enclaveml.broker.store import BrokerStore, ReleaseRefused, ReplayedRequest
@@ -137,7 +137,7 @@ class BrokerContext:
     result_key: ec.EllipticCurvePrivateKey
     key_id: str
     sim_trusted_keys: tuple[Ed25519PublicKey, ...] = ()
-    collateral: Collateral | None = None
+    collateral: CollateralSource = None
     metrics: Metrics = field(default_factory=Metrics)
 
     def refuse(

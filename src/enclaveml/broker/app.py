@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from enclaveml._version import __version__
-from enclaveml.attestation.collateral import Collateral
+from enclaveml.attestation.collateral_source import CollateralSource
 from enclaveml.broker._http import BrokerContext, error_response
 from enclaveml.broker.routes_kms import kms_routes
 from enclaveml.broker.routes_release import release_routes
@@ -44,6 +44,7 @@ OPENAPI_ROUTES: tuple[tuple[str, str, str | None, str], ...] = (
     ("GET", "/v1/health", None, "Liveness and version"),
     ("GET", "/metrics", None, "Prometheus metrics (text format)"),
     ("GET", "/.well-known/jwks.json", None, "ES256 keys that sign attestation results"),
+    ("GET", "/v1/broker/evidence", None, "The broker's own evidence for ?challenge= (only with --attest-self)"),
     ("POST", "/v1/apps", "admin", "Enroll an app; answers its api key once"),
     ("POST", "/v1/keys", "owner", "Create a primary key"),
     ("GET", "/v1/keys", "owner", "List primary keys"),
@@ -127,9 +128,11 @@ def create_app(
     now_fn: Callable[[], datetime],
     sim_trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     result_signing_key: ec.EllipticCurvePrivateKey | None = None,
-    collateral: Collateral | None = None,
+    collateral: CollateralSource = None,
+    extra_routes: Sequence[Route] = (),
 ) -> Starlette:
-    """The broker's ASGI application over ``store`` (module docstring)."""
+    """The broker's ASGI application over ``store`` (module docstring); ``extra_routes``: e.g.
+    ``self_attestation_route`` when the broker runs in a TEE."""
     key = result_signing_key if result_signing_key is not None else ec.generate_private_key(ec.SECP256R1())
     if not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("the attestation-result signing key must be an EC P-256 key (ES256)")
@@ -163,6 +166,7 @@ def create_app(
         Route("/.well-known/jwks.json", keys, methods=["GET"]),
         *release_routes(ctx),
         *kms_routes(ctx),
+        *extra_routes,
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:

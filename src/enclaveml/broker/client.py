@@ -30,8 +30,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from enclaveml.attestation.collateral_source import CollateralSource
+from enclaveml.attestation.evidence import VerifiedEvidence
+from enclaveml.attestation.policy import Policy
 from enclaveml.broker.auth import derive_signing_key, sign_request
+from enclaveml.broker.self_attestation import verify_broker
 from enclaveml.errors import (
     AttestationError,
     AuthError,
@@ -110,11 +115,28 @@ def _error(status: int, body: Any, url: str) -> EnclaveMLError:
     return error
 
 
+def _tls_context(ca: str | None, client_cert: tuple[str, str] | None) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the broker CA {ca}: {exc}", "check ENCLAVEML_BROKER_CA") from None
+    if client_cert is not None:
+        try:
+            context.load_cert_chain(client_cert[0], client_cert[1])
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the client certificate {client_cert[0]}: {exc}",
+                "check ENCLAVEML_CLIENT_CERT / ENCLAVEML_CLIENT_KEY (PEM certificate and its private key)",
+            ) from None
+    return context
+
+
 class BrokerClient:
     """Signed calls to the broker at ``url`` as app ``app_id``.
 
     ``ca``: a PEM file that verifies the broker's TLS certificate (default: the system's
-    trust store). ``transport`` / ``http_client``: for tests (e.g. a Starlette
+    trust store). ``client_cert``: ``(cert PEM, key PEM)`` for a broker that requires mutual
+    TLS (``broker serve --client-ca``). ``transport`` / ``http_client``: for tests (e.g. a Starlette
     ``TestClient``, whose base URL is ``http://testserver``).
     """
 
@@ -125,6 +147,7 @@ class BrokerClient:
         api_key: bytes | str,
         *,
         ca: str | None = None,
+        client_cert: tuple[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
         timeout: float = 30.0,
@@ -139,16 +162,23 @@ class BrokerClient:
         if http_client is not None:
             self._http = http_client
         else:
-            verify: ssl.SSLContext | bool = True
-            if ca is not None:
-                try:
-                    verify = ssl.create_default_context(cafile=ca)
-                except (OSError, ssl.SSLError) as exc:
-                    raise ConfigError(f"cannot load the broker CA {ca}: {exc}", "check ENCLAVEML_BROKER_CA") from None
+            verify = _tls_context(ca, client_cert)
             self._http = httpx.Client(base_url=self.url, verify=verify, transport=transport, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()
+
+    def verify_broker(
+        self,
+        policy: Policy,
+        *,
+        now: datetime,
+        sim_trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+        collateral: CollateralSource = None,
+    ) -> VerifiedEvidence:
+        """Bi-attestation over this client's connection: the broker's own evidence, bound to the
+        TLS certificate it presents, must satisfy ``policy`` (``self_attestation.verify_broker``)."""
+        return verify_broker(self._http, policy, now=now, sim_trusted_keys=sim_trusted_keys, collateral=collateral)
 
     def __enter__(self) -> BrokerClient:
         return self

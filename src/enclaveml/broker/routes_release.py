@@ -22,6 +22,7 @@ from typing import Any
 import jwt
 from starlette.routing import Route
 
+from enclaveml.attestation.collateral_source import resolve_collateral
 from enclaveml.attestation.evidence import VerifiedEvidence, verify_evidence
 from enclaveml.attestation.policy import Decision, Policy
 from enclaveml.broker._http import ApiError, BrokerContext, Call, b64_field, endpoint, str_field
@@ -65,9 +66,8 @@ def _verify(
     """Verify ``evidence`` or raise an audited 422 (which marks ``nonce`` used)."""
     caller, now = call.caller.app_id, call.now
     try:
-        return verify_evidence(
-            evidence, now=now, collateral=ctx.collateral, sim_trusted_keys=ctx.sim_trusted_keys or None
-        )
+        collateral = resolve_collateral(ctx.collateral, evidence, now)
+        return verify_evidence(evidence, now=now, collateral=collateral, sim_trusted_keys=ctx.sim_trusted_keys or None)
     except AttestationError as exc:
         raise ctx.refuse(action, caller, subject, 422, exc.reason, exc.what, exc.hint, now=now, nonce=nonce) from None
     except ConfigError as exc:

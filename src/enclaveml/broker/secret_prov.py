@@ -4,9 +4,14 @@ The enclave (client) presents an RA-TLS certificate; this server presents a CA-i
 certificate, as Gramine's ``secret_provision_start_server`` does (tee-formats.md §2.3). Per
 connection, in this order:
 
-1. TLS handshake requiring an RA-TLS client certificate (``ratls_tls``, open anchor);
-2. the client's evidence and its binding to the TLS key are verified (``verify_peer``)
-   *before* any application byte is read;
+1. TLS handshake (pyOpenSSL, TLS >= 1.2) requiring a client certificate, which the TLS layer
+   takes as it is: a *self-signed* RA-TLS certificate as Gramine's ``libsecret_prov_attest``
+   presents it, or ours issued by the open anchor (``ratls_tls``). The handshake proves only
+   that the client holds the certificate's key;
+2. the client certificate is verified *before* any application byte is read: its signature
+   (by its own key, or by the open anchor), then its evidence and that evidence's binding to
+   the key (``verify_ratls_certificate``, as ``ratls_tls.verify_peer`` does). Trust comes
+   from the evidence, never from the TLS layer;
 3. the request, exactly ``SECRET_PROVISION_RA_TLS_REQUEST_V1\\0`` (35 bytes), is read;
 4. ``decide(claims)`` returns the secret, or ``None`` (or raises) to refuse;
 5. ``audit("secret_prov.release", ...)`` is recorded, then the response is sent as Gramine
@@ -21,22 +26,28 @@ audited, only their size. Protocol details: ``docs/secret-provisioning.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import selectors
 import socket
-import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from OpenSSL import SSL, crypto
 
 from enclaveml.attestation.claims import Claims
 from enclaveml.attestation.policy import PolicyViolation
-from enclaveml.attestation.ratls import EvidenceVerifier
-from enclaveml.attestation.ratls_tls import server_context, verify_peer
-from enclaveml.errors import AttestationError, EnclaveMLError, PolicyError
+from enclaveml.attestation.ratls import EvidenceVerifier, verify_ratls_certificate
+from enclaveml.attestation.ratls_tls import open_anchor_certificate
+from enclaveml.errors import AttestationError, EnclaveMLError, EvidenceParseError, PolicyError
 
 __all__ = [
     "DEFAULT_PORT",
@@ -59,6 +70,10 @@ RESPONSE_HEADER_SIZE = len(RESPONSE) + 4  # then a u32 big-endian (htonl) secret
 DEFAULT_PORT = 4433
 MAX_SECRET_SIZE = 0x7FFFFFFF  # both Gramine sides refuse sizes above INT_MAX
 _CLOSE_NOTIFY_WAIT_S = 2.0
+# The stdlib ssl module's default cipher string (TLS 1.2; TLS 1.3 suites are OpenSSL's defaults).
+_TLS12_CIPHERS = b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM"
+_SERVER_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)
+_T = TypeVar("_T")
 
 AuditFn = Callable[[str, dict[str, Any]], None]
 """``audit(event, details)``: details hold names, sizes and reasons, never secret bytes."""
@@ -130,7 +145,7 @@ class SecretProvisioningServer:
     ) -> None:
         if timeout <= 0 or max_connections < 1:
             raise ValueError("timeout must be positive and max_connections at least 1")
-        self._context = server_context(cert_pem, key_pem, require_client_ratls=True)
+        self._context = _server_context(cert_pem, key_pem)
         self._verifier, self._decide, self._now_fn, self._audit_fn = verifier, decide, now_fn, audit
         self._timeout = timeout
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -235,56 +250,55 @@ class SecretProvisioningServer:
             self._slots.release()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
-        deadline = time.monotonic() + self._timeout
-        tls = self._handshake(conn)
-        with tls:
-            try:  # closes the connection itself on failure: no application byte was read
-                claims = verify_peer(tls, self._verifier, policy_check=None, now_fn=self._now_fn)
-            except EnclaveMLError as exc:
-                raise _Refusal(_reason_of(exc), exc.what, extra=_failed_checks(exc)) from None
-            request = _read_exact(tls, len(REQUEST), deadline, claims)
-            if request != REQUEST:
-                raise _Refusal("bad_request", "the request is not SECRET_PROVISION_RA_TLS_REQUEST_V1", claims)
-            secret = self._secret_for(claims)
-            details = {"peer": peer, **_summary(claims), "secret_size": len(secret)}
-            try:  # the release is recorded before any byte of it leaves
-                if self._audit_fn is not None:
-                    self._audit_fn("secret_prov.release", details)
-            except Exception as exc:
-                failure = type(exc).__name__
-                logger.error("secret provisioning: audit failed (%s); secret for %s not sent", failure, peer)
-                raise _Refusal("audit_failed", f"the release could not be audited ({failure})", claims) from None
-            tls.settimeout(max(deadline - time.monotonic(), 0.001))
+        tls = self._handshake(conn, deadline=time.monotonic() + self._timeout)
+        claims = self._verify_client(tls)  # on failure nothing was read: _handle closes the socket
+        request = _read_exact(tls, len(REQUEST), claims)
+        if request != REQUEST:
+            raise _Refusal("bad_request", "the request is not SECRET_PROVISION_RA_TLS_REQUEST_V1", claims)
+        secret = self._secret_for(claims)
+        details = {"peer": peer, **_summary(claims), "secret_size": len(secret)}
+        try:  # the release is recorded before any byte of it leaves
+            if self._audit_fn is not None:
+                self._audit_fn("secret_prov.release", details)
+        except Exception as exc:
+            failure = type(exc).__name__
+            logger.error("secret provisioning: audit failed (%s); secret for %s not sent", failure, peer)
+            raise _Refusal("audit_failed", f"the release could not be audited ({failure})", claims) from None
+        try:
             tls.sendall(response_header(len(secret)))  # two writes, as Gramine's server does
             tls.sendall(secret)
-            level = logging.WARNING if claims.insecure else logging.INFO
-            insecure = "INSECURE (simulated or weakened evidence): " if claims.insecure else ""
-            logger.log(level, "%ssecret provisioning: released %d bytes to %s", insecure, len(secret), peer)
-            with contextlib.suppress(OSError, ValueError):  # close_notify, as Gramine does; the peer may be gone
-                tls.settimeout(_CLOSE_NOTIFY_WAIT_S)
-                tls.unwrap()
+        except (SSL.Error, OSError) as exc:  # TimeoutError included
+            what = f"the connection failed while the response was sent ({type(exc).__name__})"
+            raise _Refusal("connection_closed", what, claims) from None
+        level = logging.WARNING if claims.insecure else logging.INFO
+        insecure = "INSECURE (simulated or weakened evidence): " if claims.insecure else ""
+        logger.log(level, "%ssecret provisioning: released %d bytes to %s", insecure, len(secret), peer)
+        tls.close_notify(_CLOSE_NOTIFY_WAIT_S)  # as Gramine does
 
-    def _handshake(self, conn: socket.socket) -> ssl.SSLSocket:
-        conn.settimeout(self._timeout)
+    def _handshake(self, conn: socket.socket, *, deadline: float) -> _TlsConnection:
+        tls = _TlsConnection(self._context, conn, deadline)
         try:
-            # What ratls_tls.accept_verified does for a socket it accepts itself (the base
-            # method: the RA-TLS context refuses wrap_socket to callers that skip verification);
-            # verify_peer follows immediately in _serve, before any application byte is read.
-            return ssl.SSLContext.wrap_socket(self._context, conn, server_side=True, do_handshake_on_connect=True)
-        except ssl.SSLCertVerificationError as exc:
-            raise _Refusal(
-                "tls_client_certificate_rejected",
-                f"TLS refused the client certificate ({exc.verify_message}); a self-signed RA-TLS certificate "
-                "(e.g. from Gramine's libsecret_prov_attest) is not accepted, see docs/secret-provisioning.md",
-            ) from None
-        except ssl.SSLError as exc:
-            if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-                raise _Refusal("connection_closed", "the client closed the connection during the handshake") from None
-            raise _Refusal("tls_handshake_failed", f"TLS handshake failed: {exc.reason or exc}") from None
+            tls.handshake()
         except TimeoutError:
             raise _Refusal("timeout", f"no TLS handshake within {self._timeout:g} s") from None
-        except OSError as exc:
-            raise _Refusal("connection_closed", f"the connection failed during the handshake: {exc}") from None
+        except (SSL.ZeroReturnError, SSL.SysCallError, OSError):  # EOF or reset
+            raise _Refusal("connection_closed", "the client closed the connection during the handshake") from None
+        except SSL.Error as exc:
+            reasons = _openssl_reasons(exc)
+            if "peer did not return a certificate" in reasons:
+                what = "the client presented no certificate; an RA-TLS client certificate is required"
+                raise _Refusal("tls_no_client_certificate", what) from None
+            raise _Refusal("tls_handshake_failed", f"TLS handshake failed: {'; '.join(reasons) or 'unknown'}") from None
+        return tls
+
+    def _verify_client(self, tls: _TlsConnection) -> Claims:
+        """The client certificate as ``ratls_tls.verify_peer`` checks it, after its signature."""
+        try:
+            cert = tls.peer_certificate()
+            _verify_certificate_signature(cert)
+            return verify_ratls_certificate(cert, self._verifier, now=self._now_fn(), policy_check=None)
+        except EnclaveMLError as exc:
+            raise _Refusal(_reason_of(exc), exc.what, extra=_failed_checks(exc)) from None
 
     def _secret_for(self, claims: Claims) -> bytes:
         try:
@@ -315,19 +329,16 @@ class SecretProvisioningServer:
             logger.error("secret provisioning: audit of a refusal failed (%s)", type(exc).__name__)
 
 
-def _read_exact(tls: ssl.SSLSocket, size: int, deadline: float, claims: Claims) -> bytes:
+def _read_exact(tls: _TlsConnection, size: int, claims: Claims) -> bytes:
     data = bytearray()
     while len(data) < size:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Refusal("timeout", "the request did not arrive in time", claims)
-        tls.settimeout(remaining)
         try:
             chunk = tls.recv(size - len(data))
         except TimeoutError:
             raise _Refusal("timeout", "the request did not arrive in time", claims) from None
-        except OSError as exc:  # ssl.SSLError included
-            raise _Refusal("no_request", f"the connection failed before a full request: {exc}", claims) from None
+        except (SSL.Error, OSError) as exc:
+            what = f"the connection failed before a full request: {'; '.join(_openssl_reasons(exc)) or exc}"
+            raise _Refusal("no_request", what, claims) from None
         if not chunk:
             raise _Refusal("no_request", f"the client closed after {len(data)} of {size} request bytes", claims)
         data += chunk
@@ -364,3 +375,138 @@ def _peer(address: Any) -> str:
         host = str(address[0])
         return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
     return str(address)
+
+
+# -- the TLS layer: takes any client certificate; trust comes from the evidence -------------------
+
+
+def _server_context(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
+    """TLS >= 1.2 presenting ``cert_pem`` (leaf, then intermediates), requiring a client certificate.
+
+    Python's ``ssl`` has no verify callback, so it cannot take a self-signed client certificate
+    it does not already trust. Here the callback takes any, and OpenSSL still checks the
+    client's CertificateVerify: the client holds the certificate's key. No session cache and
+    no tickets: every connection presents, and has verified, its certificate.
+    """
+    chain = x509.load_pem_x509_certificates(cert_pem)  # ValueError if unreadable: bad config fails here
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, _SERVER_KEY_TYPES):
+        raise ValueError(f"unsupported server key type {type(key).__name__}")
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_cipher_list(_TLS12_CIPHERS)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.use_certificate(chain[0])
+    for intermediate in chain[1:]:
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(key)
+    context.check_privatekey()
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _take_any_client_certificate)
+    return context
+
+
+def _take_any_client_certificate(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int) -> bool:
+    # Gramine's RA-TLS certificate is self-signed, so OpenSSL's chain verdict (``ok``) is always
+    # "untrusted"; like Gramine's ra_tls_verify_callback we ignore it. _verify_client checks the
+    # certificate after the handshake, before any application byte is read.
+    return True
+
+
+def _verify_certificate_signature(cert: x509.Certificate) -> None:
+    """The client certificate is signed by its own key (Gramine) or by the open anchor (ours).
+
+    The signature adds nothing to the handshake's proof of possession, but a certificate
+    that claims to be self-signed and is not has been altered after it was signed: refused.
+    """
+    anchor = open_anchor_certificate()
+    if cert.issuer == cert.subject:
+        issuer, signer = cert, "its own key"
+    elif cert.issuer == anchor.subject:
+        issuer, signer = anchor, "the open anchor"
+    else:
+        raise AttestationError(
+            "ratls_certificate_issuer_unknown",
+            f"the client certificate is issued by {cert.issuer.rfc4514_string()!r}, "
+            "neither by itself nor by the open anchor",
+            "an RA-TLS client certificate is self-signed (Gramine) or re-issued under the open anchor (enclaveml)",
+        )
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        raise AttestationError(
+            "ratls_certificate_signature_invalid",
+            f"the client certificate's signature does not verify with {signer}",
+            "the certificate was altered after it was signed",
+        ) from None
+
+
+def _openssl_reasons(exc: BaseException) -> list[str]:
+    """OpenSSL's reason strings in a pyOpenSSL ``SSL.Error`` (its only argument is the error queue)."""
+    queue = exc.args[0] if isinstance(exc, SSL.Error) and exc.args else None
+    if not isinstance(queue, list):
+        return []
+    return [str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry]
+
+
+class _TlsConnection:
+    """The server side of one pyOpenSSL connection on a non-blocking socket.
+
+    Every call waits at most until ``deadline`` (``time.monotonic()``), then raises
+    ``TimeoutError``; failures are ``SSL.Error`` (``SSL.SysCallError`` for a reset).
+    """
+
+    def __init__(self, context: SSL.Context, sock: socket.socket, deadline: float) -> None:
+        sock.setblocking(False)  # OpenSSL uses the descriptor itself: we wait with selectors
+        self._sock, self._deadline = sock, deadline
+        self._conn = SSL.Connection(context, sock)
+        self._conn.set_accept_state()
+
+    def handshake(self) -> None:
+        self._call(self._conn.do_handshake)
+
+    def peer_certificate(self) -> x509.Certificate:
+        try:
+            cert = self._conn.get_peer_certificate(as_cryptography=True)
+        except ValueError:  # OpenSSL parsed it, cryptography does not
+            raise EvidenceParseError("certificate", 0, "the client certificate is not well-formed X.509") from None
+        if cert is None:  # unreachable with VERIFY_FAIL_IF_NO_PEER_CERT; checked all the same
+            raise AttestationError("ratls_no_peer_certificate", "the client presented no certificate")
+        return cert
+
+    def recv(self, size: int) -> bytes:
+        """At most ``size`` bytes; ``b""`` once the client has closed (close_notify or plain EOF)."""
+        try:
+            return self._call(functools.partial(self._conn.recv, size))
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.SysCallError as exc:
+            if exc.args and exc.args[0] == -1:  # "Unexpected EOF"
+                return b""
+            raise
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # after WantWrite OpenSSL needs the very same buffer again: _call retries it
+            view = view[self._call(functools.partial(self._conn.send, view)) :]
+
+    def close_notify(self, wait: float) -> None:
+        """Send close_notify, then wait up to ``wait`` s for the client's (or its EOF)."""
+        self._deadline = time.monotonic() + wait
+        with contextlib.suppress(SSL.Error, OSError):  # the client may be gone already
+            if not self._call(self._conn.shutdown):
+                self._call(self._conn.shutdown)
+
+    def _call(self, operation: Callable[[], _T]) -> _T:
+        while True:
+            try:
+                return operation()
+            except SSL.WantReadError:
+                events = selectors.EVENT_READ
+            except SSL.WantWriteError:
+                events = selectors.EVENT_WRITE
+            remaining = self._deadline - time.monotonic()
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._sock, events)
+                if remaining <= 0 or not selector.select(remaining):
+                    raise TimeoutError

@@ -5,7 +5,10 @@ with uvicorn, programmatically: ``start()`` runs it in a thread and returns once
 listening (``port`` 0 picks a free port; ``.port`` tells which), ``stop()`` asks it to exit
 and waits; ``serve_forever()`` runs it in the calling thread (uvicorn handles SIGINT and
 SIGTERM). Without a certificate it serves plain HTTP: for tests behind TLS termination
-only.
+only. ``client_ca`` turns on mutual TLS: every connection must present a client
+certificate issued by that CA, checked in the TLS handshake, before and in addition to the
+signed-request authentication of each request. ``self_tee``: the TEE the broker runs in;
+it then answers ``GET /v1/broker/evidence`` (``self_attestation.py``, bi-attestation).
 
 ``secret_prov_port`` also starts a Gramine secret provisioning server
 (``secret_prov.py``) with the same certificate; the secret is the primary version of the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,12 +39,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from enclaveml.attestation.claims import Claims
-from enclaveml.attestation.collateral import Collateral
+from enclaveml.attestation.collateral_source import CollateralSource, resolve_collateral
 from enclaveml.attestation.evidence import verify_evidence
 from enclaveml.attestation.policy import Policy
 from enclaveml.attestation.ratls import Evidence
+from enclaveml.attestation.tee import Tee
 from enclaveml.broker.app import create_app
 from enclaveml.broker.secret_prov import DEFAULT_PORT, SecretProvisioningServer
+from enclaveml.broker.self_attestation import self_attestation_route
 from enclaveml.broker.store import BrokerStore
 from enclaveml.errors import ConfigError, PolicyError
 
@@ -104,17 +110,32 @@ class BrokerServer:
         now_fn: Callable[[], datetime] = _utc_now,
         sim_trusted_keys: Sequence[Ed25519PublicKey] | None = None,
         result_signing_key: ec.EllipticCurvePrivateKey | None = None,
-        collateral: Collateral | None = None,
+        collateral: CollateralSource = None,
+        client_ca: str | Path | None = None,
+        self_tee: Tee | None = None,
         log_level: str = "warning",
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        if client_ca is not None and tls_cert is None:
+            raise ConfigError("mutual TLS (--client-ca) needs the broker's own certificate", "add --tls-cert/--tls-key")
+        if client_ca is not None and not Path(client_ca).is_file():
+            raise ConfigError(
+                f"client CA file {client_ca} not found", "give the PEM of the CA that issues client certificates"
+            )
         self.store, self.host = store, host
         self._now_fn = now_fn
         self._sim_keys = tuple(sim_trusted_keys or ())
         self._collateral = collateral
+        extra = []
+        if self_tee is not None:
+            if tls_cert is None:
+                raise ConfigError("a self-attesting broker needs its TLS certificate", "add --tls-cert/--tls-key")
+            leaf = x509.load_pem_x509_certificate(Path(tls_cert).read_bytes())  # the first PEM: the leaf
+            extra.append(self_attestation_route(self_tee.kind, self_tee.evidence, leaf))
         self.app = create_app(
             store,
+            extra_routes=extra,
             now_fn=now_fn,
             sim_trusted_keys=sim_trusted_keys,
             result_signing_key=result_signing_key,
@@ -127,6 +148,8 @@ class BrokerServer:
             port=port,
             ssl_certfile=None if tls_cert is None else str(tls_cert),
             ssl_keyfile=None if tls_key is None else str(tls_key),
+            ssl_ca_certs=None if client_ca is None else str(client_ca),
+            ssl_cert_reqs=ssl.CERT_NONE if client_ca is None else ssl.CERT_REQUIRED,
             log_level=log_level,
             lifespan="off",
             access_log=False,
@@ -154,9 +177,8 @@ class BrokerServer:
     # -- secret provisioning ------------------------------------------------------------
 
     def _verify_ratls_evidence(self, evidence: Evidence, at: datetime) -> Claims:
-        verified = verify_evidence(
-            evidence.raw, now=at, collateral=self._collateral, sim_trusted_keys=self._sim_keys or None
-        )
+        collateral = resolve_collateral(self._collateral, evidence.raw, at)
+        verified = verify_evidence(evidence.raw, now=at, collateral=collateral, sim_trusted_keys=self._sim_keys or None)
         return verified.claims
 
     def _decider(self, key_name: str) -> Callable[[Claims], bytes | None]:

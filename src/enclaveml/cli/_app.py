@@ -97,10 +97,17 @@ class App:
         own = self.broker_home / "tls" / "cert.pem"
         return str(own) if own.exists() else None
 
-    def broker_client(self, url: str | None = None) -> BrokerClient:
-        """A signed-request client with the credentials of ``ENCLAVEML_APP_ID`` / ``ENCLAVEML_API_KEY``."""
-        app_id, api_key = self._broker_credentials()
-        return BrokerClient(self.broker_url(url), app_id, api_key, ca=self.broker_ca())
+    def client_cert(self) -> tuple[str, str] | None:
+        """``(ENCLAVEML_CLIENT_CERT, ENCLAVEML_CLIENT_KEY)`` for a broker with mutual TLS, else None."""
+        cert, key = os.environ.get("ENCLAVEML_CLIENT_CERT", ""), os.environ.get("ENCLAVEML_CLIENT_KEY", "")
+        if bool(cert) != bool(key):
+            raise ConfigError("set both ENCLAVEML_CLIENT_CERT and ENCLAVEML_CLIENT_KEY, or neither")
+        return (cert, key) if cert else None
+
+    def broker_client(self, url: str | None = None, *, credentials: tuple[str, str] | None = None) -> BrokerClient:
+        """A signed-request client with ``credentials`` or those of ``ENCLAVEML_APP_ID`` / ``ENCLAVEML_API_KEY``."""
+        app_id, api_key = credentials or self._broker_credentials()
+        return BrokerClient(self.broker_url(url), app_id, api_key, ca=self.broker_ca(), client_cert=self.client_cert())
 
     def _broker_credentials(self) -> tuple[str, str]:
         app_id, api_key = os.environ.get("ENCLAVEML_APP_ID", ""), os.environ.get("ENCLAVEML_API_KEY", "")
@@ -118,7 +125,7 @@ class App:
             raise ConfigError(f"unknown KMS backend {backend!r}", "use local or broker (ENCLAVEML_KMS)")
         if backend == "broker":
             app_id, api_key = self._broker_credentials()
-            return BrokerKms(self.broker_url(), app_id, api_key, ca=self.broker_ca())
+            return BrokerKms(self.broker_url(), app_id, api_key, ca=self.broker_ca(), client_cert=self.client_cert())
         if not self.store_path.exists():
             raise ConfigError(
                 f"no key store at {self.store_path}",

@@ -35,7 +35,7 @@ from enclaveml.attestation.sim import SimulationKey, create_sim_evidence, load_s
 from enclaveml.cli._app import err_console, instant_option, out_console
 from enclaveml.errors import AttestationError, ConfigError, EvidenceParseError, PolicyError
 
-__all__ = ["attest", "load_policy_file", "warn"]
+__all__ = ["attest", "load_policy_file", "trusted_sim_public_key", "warn"]
 
 _MALFORMED_HINT = "expected a DCAP quote, simulated evidence or an RA-TLS certificate; is the file complete?"
 
@@ -210,7 +210,7 @@ def verify(
                 verified = verify_maa_evidence(token, Path(jwks).read_text(encoding="utf-8"), issuer=issuer, now=now)
             else:
                 data = Path(source).read_bytes()
-                keys = [_trusted_sim_key(k) for k in trusted_sim_key]
+                keys = [trusted_sim_public_key(k) for k in trusted_sim_key]
                 found = _collateral_for(data, collateral, pccs, pccs_ca, collateral_cache, now)
                 verified = verify_evidence(
                     data, now=now, collateral=found, sim_trusted_keys=keys or None,
@@ -245,7 +245,8 @@ def verify(
         raise PolicyViolation(decision).about(source)
 
 
-def _trusted_sim_key(path: str) -> Ed25519PublicKey:
+def trusted_sim_public_key(path: str) -> Ed25519PublicKey:
+    """The simulation public key in PEM file ``path`` (what ``attest sim-keygen`` wrote as FILE.pub.pem)."""
     try:
         return load_sim_public_key(Path(path).read_bytes())
     except ConfigError as exc:

@@ -12,18 +12,23 @@ import base64
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 import click
 
+from enclaveml.attestation.collateral import load_collateral
+from enclaveml.attestation.collateral_source import CollateralSource
+from enclaveml.attestation.tee import SimulatedTee, Tee, TeeKind, detect_tee
 from enclaveml.broker.audit import verify_audit_chain
-from enclaveml.broker.client import BrokerClient
 from enclaveml.broker.root_key import create_root_key_file, read_root_key_file
 from enclaveml.broker.secret_prov import DEFAULT_PORT
 from enclaveml.broker.server import BrokerServer, make_self_signed
 from enclaveml.broker.store import BrokerStore
 from enclaveml.cli._app import App, err_console, out_console, pass_app
+from enclaveml.cli.attest_cmds import trusted_sim_public_key, warn
 from enclaveml.errors import ConfigError, IntegrityError
 from enclaveml.kms import SCRYPT_DEFAULT, ScryptParams
+from enclaveml.runtime.run import broker_sim_measurement, load_or_create_sim_key
 
 __all__ = ["broker"]
 
@@ -129,6 +134,17 @@ def init(app: App, db: str | None, root_key_file: str | None, scrypt_log_n: int)
     help=f"Also serve Gramine secret provisioning (e.g. {DEFAULT_PORT}).",
 )
 @click.option("--secret-prov-key", metavar="NAME", help="The key secret provisioning hands out.")
+@click.option("--client-ca", metavar="PEM", help="Require mutual TLS: client certificates issued by this CA.")
+@click.option("--trusted-sim-key", multiple=True, metavar="PEM",
+              help="Accept simulated evidence only from these keys (repeatable) [default: any signer].")  # fmt: skip
+@click.option("--collateral", metavar="FILE|DIR", help="DCAP collateral (offline) for verifying quotes.")
+@click.option("--pccs", metavar="URL", help="Fetch DCAP collateral per platform from this PCCS or Intel PCS.")
+@click.option("--pccs-ca", metavar="FILE", help="CA bundle for the PCCS's TLS certificate.")
+@click.option("--collateral-cache", metavar="DIR", help="Keep fetched collateral here until it expires.")
+@click.option("--attest-self", type=click.Choice(["auto", "sgx", "tdx", "snp", "sim"]),
+              help="Prove the broker to workloads: evidence from its own TEE (bi-attestation).")  # fmt: skip
+@click.option("--self-sim-key", metavar="PEM",
+              help="With --attest-self sim: its key [default: HOME/broker/sim-key.pem, created 0600].")  # fmt: skip
 @pass_app
 def serve(
     app: App,
@@ -141,14 +157,32 @@ def serve(
     self_signed: bool,
     secret_prov_port: int | None,
     secret_prov_key: str | None,
+    client_ca: str | None,
+    trusted_sim_key: tuple[str, ...],
+    collateral: str | None,
+    pccs: str | None,
+    pccs_ca: str | None,
+    collateral_cache: str | None,
+    attest_self: str | None,
+    self_sim_key: str | None,
 ) -> None:
     """Serve the broker's API over TLS until SIGINT / SIGTERM.
 
+    DCAP quotes are verified with --collateral (offline) or --pccs; simulated evidence is
+    accepted only by policies with allow_simulation = true, and only from --trusted-sim-key
+    signers when given. --attest-self makes the broker prove itself to workloads that run
+    with `enclaveml run --verify-broker POLICY`.
+
     \b
     Example:
-      enclaveml broker serve --root-key-file root.key --tls-cert cert.pem --tls-key key.pem
+      enclaveml broker serve --root-key-file root.key --tls-cert cert.pem --tls-key key.pem --pccs https://pccs:8081
       enclaveml broker serve --root-key-file root.key --self-signed --secret-prov-port 4433 --secret-prov-key model
+      enclaveml broker serve --root-key-file root.key --self-signed --client-ca clients-ca.pem --attest-self sim
     """
+    if collateral and pccs:
+        raise click.UsageError("give --collateral or --pccs, not both")
+    if self_sim_key and attest_self != "sim":
+        raise click.UsageError("--self-sim-key goes with --attest-self sim")
     if self_signed:
         if tls_cert or tls_key:
             raise ConfigError("--self-signed and --tls-cert/--tls-key exclude each other")
@@ -159,12 +193,53 @@ def serve(
         tls_cert, tls_key = str(cert), str(key)
     if tls_cert is None:
         raise ConfigError("the broker serves TLS only", "give --tls-cert and --tls-key, or --self-signed")
+    sim_keys = [trusted_sim_public_key(k) for k in trusted_sim_key]
+    source = _collateral_source(collateral, pccs, pccs_ca, collateral_cache)
+    self_tee = _self_tee(app, attest_self, self_sim_key) if attest_self else None
     with _open_store(app, db, root_key_file) as store:
         server = BrokerServer(
-            store, host, port, tls_cert, tls_key, secret_prov_port, secret_prov_key=secret_prov_key, log_level="info"
+            store,
+            host,
+            port,
+            tls_cert,
+            tls_key,
+            secret_prov_port,
+            secret_prov_key=secret_prov_key,
+            sim_trusted_keys=sim_keys,
+            collateral=source,
+            client_ca=client_ca,
+            self_tee=self_tee,
+            log_level="info",
         )
-        err_console.print(f"key broker on https://{host}:{port} (store {store.url}); CA {tls_cert}", markup=False)
+        mtls = f"; clients need certificates from {client_ca}" if client_ca else ""
+        err_console.print(f"key broker on https://{host}:{port} (store {store.url}); CA {tls_cert}{mtls}", markup=False)
         server.serve_forever()
+
+
+def _collateral_source(path: str | None, pccs: str | None, pccs_ca: str | None, cache: str | None) -> CollateralSource:
+    if path is not None:
+        return load_collateral(path)
+    if pccs is None:
+        return None
+    from enclaveml.attestation.collateral_source import PcsCollateralSource
+    from enclaveml.attestation.pcs import PcsClient
+
+    verify: bool | str = pccs_ca if pccs_ca is not None else True
+    return PcsCollateralSource(PcsClient(pccs, cache_dir=Path(cache) if cache else None, verify=verify))
+
+
+def _self_tee(app: App, kind: str, sim_key: str | None) -> Tee:
+    """The broker's own TEE; ``sim`` measures the installed enclaveml package (development only)."""
+    if kind != "sim":
+        return detect_tee(want=cast(TeeKind, kind))
+    warn("--attest-self sim: the broker's evidence is simulated and proves nothing about this host")
+    key, created = load_or_create_sim_key(Path(sim_key) if sim_key else app.broker_home / "sim-key.pem")
+    measurement = broker_sim_measurement()
+    err_console.print(
+        f"self-attestation: simulated, measurement {measurement.hex()}" + (" (new simulation key)" if created else ""),
+        markup=False,
+    )
+    return SimulatedTee(key, measurement, b"")
 
 
 @broker.command("enroll")
@@ -191,7 +266,7 @@ def enroll(app: App, name: str, role: str, url: str | None) -> None:
                 "no admin credentials", f"set ENCLAVEML_APP_ID / ENCLAVEML_API_KEY, or run on the host with {path}"
             )
         saved = json.loads(path.read_text())
-        client = BrokerClient(app.broker_url(url), saved["app_id"], saved["api_key"], ca=app.broker_ca())
+        client = app.broker_client(url, credentials=(saved["app_id"], saved["api_key"]))
     with client:
         answer = client.enroll(name, role)
     out_console.print(f"app id:  {answer['app_id']}", markup=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -17,9 +18,16 @@ from cryptography.hazmat.primitives import serialization
 
 from enclaveml.attestation.tee import SimulatedTee, Tee, TeeKind, detect_tee
 from enclaveml.cli._app import App, err_console, out_console, pass_app
-from enclaveml.cli.attest_cmds import warn
-from enclaveml.errors import ConfigError
-from enclaveml.runtime.run import BrokerLike, ReleaseOutcome, load_or_create_sim_key, run_job, sim_measurement
+from enclaveml.cli.attest_cmds import load_policy_file, trusted_sim_public_key, warn
+from enclaveml.errors import AttestationError, ConfigError, PolicyError
+from enclaveml.runtime.run import (
+    EXIT_REFUSED,
+    BrokerLike,
+    ReleaseOutcome,
+    load_or_create_sim_key,
+    run_job,
+    sim_measurement,
+)
 
 __all__ = ["run"]
 
@@ -48,6 +56,10 @@ def _keys(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) ->
 @click.option("--measure", "measured", multiple=True, metavar="PATH",
               help="Also measure this file or directory into simulated evidence (repeatable).")  # fmt: skip
 @click.option("--ca", "ca_file", metavar="PEM", help="CA of the broker's TLS certificate [default: the system's CAs].")
+@click.option("--verify-broker", "broker_policy", metavar="POLICY",
+              help="Send nothing unless the broker's own evidence meets this policy (bi-attestation).")  # fmt: skip
+@click.option("--broker-sim-key", multiple=True, metavar="PEM",
+              help="With --verify-broker: trust simulated broker evidence only from this key.")  # fmt: skip
 @click.option("--print-measurement", is_flag=True,
               help="With --tee sim: print the job's measurement (for the policy's mr_enclave) and exit.")  # fmt: skip
 @click.argument("command", nargs=-1, required=True, metavar="-- COMMAND [ARGS]...")
@@ -60,6 +72,8 @@ def run(
     sim_key_file: str | None,
     measured: tuple[str, ...],
     ca_file: str | None,
+    broker_policy: str | None,
+    broker_sim_key: tuple[str, ...],
     print_measurement: bool,
     command: tuple[str, ...],
 ) -> None:
@@ -77,6 +91,11 @@ def run(
 
     With --tee sim the measurement covers the files COMMAND names under the current
     directory (not `*.eml` inputs), the --measure extras and COMMAND's arguments.
+
+    With --verify-broker POLICY the broker must first prove itself (it runs with
+    `broker serve --attest-self`): its evidence, bound to the TLS certificate this connection
+    reached and a fresh challenge, must meet POLICY, or nothing is sent: `Broker attestation
+    failed: <reason>`, exit 3.
 
     \b
     Example:
@@ -99,7 +118,9 @@ def run(
     chosen = _sim_tee(app, sim_key_file, command, measured) if tee == "sim" else detect_tee(want=cast(TeeKind, tee))
     if tee != "sim":
         err_console.print(f"TEE: {chosen.kind} ({chosen.name})", markup=False)
-    client = _client(broker_url, ca_file)
+    client = _client(app, broker_url, ca_file)
+    if broker_policy is not None:
+        _verify_broker(client, broker_policy, broker_sim_key)
 
     def released(outcome: ReleaseOutcome) -> None:
         names = ", ".join(f"{k.name} v{k.version}" for k in outcome.keys)
@@ -127,7 +148,22 @@ def _sim_tee(app: App, sim_key_file: str | None, command: tuple[str, ...], measu
     return SimulatedTee(key_obj, measurement, b"")
 
 
-def _client(url: str, ca_file: str | None) -> BrokerLike:
+def _verify_broker(client: BrokerLike, policy_file: str, sim_keys: tuple[str, ...]) -> None:
+    from enclaveml.broker.client import BrokerClient
+
+    assert isinstance(client, BrokerClient)
+    policy = load_policy_file(policy_file)
+    trusted = [trusted_sim_public_key(k) for k in sim_keys] or None
+    try:
+        verified = client.verify_broker(policy, now=datetime.now(UTC), sim_trusted_keys=trusted)
+    except (AttestationError, PolicyError) as exc:
+        err_console.print("Broker attestation failed: " + " ".join(exc.diagnostics().split()), markup=False)
+        raise SystemExit(EXIT_REFUSED) from None
+    insecure = " (INSECURE: simulated evidence)" if verified.claims.insecure else ""
+    err_console.print(f"Broker attestation succeeded{insecure}: {verified.description}", markup=False)
+
+
+def _client(app: App, url: str, ca_file: str | None) -> BrokerLike:
     app_id = os.environ.get(APP_ID_ENV, "")
     api_key = os.environ.get(API_KEY_ENV, "")
     if not app_id or not api_key:
@@ -137,4 +173,4 @@ def _client(url: str, ca_file: str | None) -> BrokerLike:
         )
     from enclaveml.broker.client import BrokerClient
 
-    return BrokerClient(url, app_id=app_id, api_key=api_key, ca=ca_file)
+    return BrokerClient(url, app_id=app_id, api_key=api_key, ca=ca_file, client_cert=app.client_cert())

@@ -51,10 +51,13 @@ class BrokerKms:
         api_key: bytes | str,
         *,
         ca: str | None = None,
+        client_cert: tuple[str, str] | None = None,
         transport: httpx.BaseTransport | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self.client = BrokerClient(url, app_id, api_key, ca=ca, transport=transport, http_client=http_client)
+        self.client = BrokerClient(
+            url, app_id, api_key, ca=ca, client_cert=client_cert, transport=transport, http_client=http_client
+        )
 
     @property
     def kms_name(self) -> str:

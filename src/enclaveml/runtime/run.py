@@ -42,6 +42,7 @@ __all__ = [
     "SECRET_ENV_VARS",
     "BrokerLike",
     "ReleaseOutcome",
+    "broker_sim_measurement",
     "default_measured_files",
     "load_or_create_sim_key",
     "refusal_line",
@@ -106,6 +107,13 @@ def sim_measurement(command: Sequence[str], *, measure: Sequence[str | Path] = (
             "name the workload's files with --measure PATH (e.g. --measure job.py)",
         )
     return measure_workload(files, list(command), root=base)
+
+
+def broker_sim_measurement() -> bytes:
+    """The simulated measurement of a self-attesting broker (``broker serve --attest-self sim``):
+    the installed ``enclaveml`` package's files, so a changed broker has another measurement."""
+    package = Path(__file__).resolve().parent.parent
+    return sim_measurement(["enclaveml", "broker", "serve"], measure=[package], root=package.parent)
 
 
 def load_or_create_sim_key(path: Path) -> tuple[SimulationKey, bool]:
