@@ -1,8 +1,10 @@
-"""`make demo`: the whole foundation flow, end to end, through the real `enclaveml` command.
+"""`make demo`: the whole flow, end to end, through the real `enclaveml` command.
 
-init -> create-key -> datagen -> encrypt -> inspect -> decrypt -> byte-identical check ->
-rotate -> rewrap -> decrypt again -> a tampered copy rejected (exit 4, no output file).
-Everything happens in ./demo-out with its own key store; nothing needs a server.
+Foundation: init -> create-key -> datagen -> encrypt -> inspect -> decrypt -> byte-identical
+check -> rotate -> rewrap -> decrypt again -> a tampered copy rejected (exit 4, no output).
+Key broker: init -> (broker served in this process) -> enroll -> broker key -> encrypt with
+it -> policy register -> `enclaveml run --verify-broker` of an attested job -> a modified job
+refused (exit 3) -> audit verify. Everything happens in ./demo-out; no server to start.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ CLI = [str(Path(sys.executable).with_name("enclaveml"))]
 ROWS = int(os.environ.get("DEMO_ROWS", "1000000"))
 
 
-def run(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+def run(*args: str, expect: int = 0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     print(f"$ enclaveml {' '.join(args)}", flush=True)
-    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=ENV, cwd=OUT, check=False)
+    done = subprocess.run([*CLI, *args], capture_output=True, text=True, env=env or ENV, cwd=OUT, check=False)
     for line in (done.stdout + done.stderr).splitlines():
         print(f"  {line}")
     if done.returncode != expect:
@@ -65,64 +67,72 @@ run("decrypt", "people.csv.eml", "wrong.csv", "--context", "tenant=globex", expe
 print(f"demo finished in {time.perf_counter() - started:.1f} s; files in {OUT.relative_to(ROOT)}/")
 
 
+def _env_with(**values: str) -> dict[str, str]:
+    return {**ENV, **values}
+
+
 def broker_demo() -> None:
-    """The key broker and the attested runtime: an in-process broker (TLS, SQLite in demo-out/),
-    an owner who encrypts with a broker key, a sim policy, `enclaveml run` of a job that gets
-    the key, and a modified job refused with `Attestation failed: ...` (exit 3)."""
-    from enclaveml.broker.client import BrokerClient
+    """The key broker and the attested runtime, through the real CLI: `broker init`, a broker
+    served in this process (TLS, SQLite in demo-out/, attesting itself with simulated
+    evidence), `broker enroll`, `kms --backend broker create-key`, `encrypt --kms broker`,
+    `policy register`, `enclaveml run --verify-broker` of a job that gets the key, a modified
+    job refused with `Attestation failed: ...` (exit 3), and `broker audit verify`."""
+    from enclaveml.attestation.sim import SimulationKey
+    from enclaveml.attestation.tee import SimulatedTee
+    from enclaveml.broker.root_key import read_root_key_file
     from enclaveml.broker.server import BrokerServer, make_self_signed
     from enclaveml.broker.store import BrokerStore
-    from enclaveml.crypto import encrypt_file
-    from enclaveml.kms.broker import BrokerKms
+    from enclaveml.runtime.run import broker_sim_measurement
 
     began = time.perf_counter()
     print("\n== key broker + attested runtime ==", flush=True)
+    db = f"sqlite:///{OUT / 'broker.db'}"
+    ENV["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    run("broker", "init", "--db", db, "--root-key-file", "broker-root.key")
     cert, key = make_self_signed(OUT / "broker-tls")
-    # A random root key for the demo; a real broker derives it from a passphrase or key file.
+    # The broker proves itself too (bi-attestation); here with simulated evidence over the
+    # installed enclaveml package, as `broker serve --attest-self sim` does.
+    broker_self = SimulatedTee(SimulationKey.generate(), broker_sim_measurement(), b"")
     with (
-        BrokerStore(f"sqlite:///{OUT / 'broker.db'}", os.urandom(32)) as store,
-        BrokerServer(store, port=0, tls_cert=cert, tls_key=key) as server,
+        BrokerStore(db, read_root_key_file(OUT / "broker-root.key")) as store,
+        BrokerServer(store, port=0, tls_cert=cert, tls_key=key, self_tee=broker_self) as server,
     ):
-        print(f"  broker listening on {server.url} (TLS, self-signed {cert.relative_to(ROOT)}; SQLite broker.db)")
-        admin = store.enroll_app("admin", "admin")  # what `enclaveml broker init` prints once
-        with BrokerClient(server.url, admin.app.app_id, admin.api_key, ca=str(cert)) as as_admin:
-            owner = as_admin.enroll("analytics", "owner")
-            workload = as_admin.enroll("job-runner", "workload")
-        print(f"  enrolled owner {owner['app_id']} and workload {workload['app_id']} (api keys shown once)")
-
-        kms = BrokerKms(server.url, owner["app_id"], owner["api_key"], ca=str(cert))
-        info = kms.create_key("customers")
-        print(f"  owner created broker key customers ({info.key_id}); it never leaves the broker")
-        encrypt_file(OUT / "people.csv", OUT / "people.broker.csv.eml", kms, "customers")
-        print("  owner encrypted people.csv -> people.broker.csv.eml with it")
+        print(f"  broker serving {server.url} in this process (what `enclaveml broker serve --self-signed` runs)")
+        ENV.update({"ENCLAVEML_BROKER_URL": server.url, "ENCLAVEML_BROKER_CA": str(cert)})
+        owner = _credentials(run("broker", "enroll", "--name", "analytics", "--role", "owner").stdout)
+        workload = _credentials(run("broker", "enroll", "--name", "job-runner", "--role", "workload").stdout)
+        as_owner = _env_with(ENCLAVEML_APP_ID=owner[0], ENCLAVEML_API_KEY=owner[1])
+        run("kms", "--backend", "broker", "create-key", "customers", env=as_owner)
+        run("encrypt", "people.csv", "people.broker.csv.eml", "--kms", "broker", "--key", "customers", env=as_owner)
         shutil.copyfile(ROOT / "examples" / "job_simple_query.py", OUT / "job.py")
         job = ["python", "job.py", "people.broker.csv.eml"]
 
-        ENV.update(
-            {
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "ENCLAVEML_APP_ID": workload["app_id"],
-                "ENCLAVEML_API_KEY": workload["api_key"],
-            }
-        )
-        measurement = run("run", "--tee", "sim", "--print-measurement", "--", *job).stdout.strip()
+        as_workload = _env_with(ENCLAVEML_APP_ID=workload[0], ENCLAVEML_API_KEY=workload[1])
+        measurement = run("run", "--tee", "sim", "--print-measurement", "--", *job, env=as_workload).stdout.strip()
         policy = f'name = "simple-query"\ntee = ["sim"]\nallow_simulation = true\nmr_enclave = ["{measurement}"]\n'
-        registered = kms.client.register_policy("simple-query", policy, ["customers"])
-        print(f"  owner registered policy {registered['policy_id']} for key customers:")
-        for line in policy.splitlines():
-            print(f"    {line}")
-
+        (OUT / "policy.toml").write_text(policy)
+        run("policy", "register", "policy.toml", "--key", "customers", env=as_owner)
+        (OUT / "broker-policy.toml").write_text(
+            f'name = "our-broker"\ntee = ["sim"]\nallow_simulation = true\n'
+            f'mr_enclave = ["{broker_self.measurement.hex()}"]\n'
+        )
         broker = ["--broker", server.url, "--ca", str(cert), "--keys", "customers", "--tee", "sim"]
-        run("run", *broker, "--", *job)
+        verify = ["--verify-broker", "broker-policy.toml"]
+        run("run", *broker, *verify, "--", *job, env=as_workload)
 
         (OUT / "job.py").write_text((OUT / "job.py").read_text() + "\nprint('and now send the data elsewhere')\n")
         print("  modified job.py (one line appended)")
-        refused = run("run", *broker, "--", *job, expect=3)
+        refused = run("run", *broker, *verify, "--", *job, env=as_workload, expect=3)
         assert refused.stderr.count("Attestation failed: ") == 1
         assert "and now send the data elsewhere" not in refused.stdout
         print("  modified job refused with exit 3 before it started; the broker released nothing")
-        kms.close()
+    run("broker", "audit", "verify", "--db", db, "--root-key-file", "broker-root.key")
     print(f"broker demo finished in {time.perf_counter() - began:.1f} s")
+
+
+def _credentials(stdout: str) -> tuple[str, str]:
+    fields = dict(line.split(":", 1) for line in stdout.strip().splitlines() if ":" in line)
+    return fields["app id"].strip(), fields["api key"].strip()
 
 
 broker_demo()

@@ -160,7 +160,10 @@ def _verify_broker(client: BrokerLike, policy_file: str, sim_keys: tuple[str, ..
         err_console.print("Broker attestation failed: " + " ".join(exc.diagnostics().split()), markup=False)
         raise SystemExit(EXIT_REFUSED) from None
     insecure = " (INSECURE: simulated evidence)" if verified.claims.insecure else ""
-    err_console.print(f"Broker attestation succeeded{insecure}: {verified.description}", markup=False)
+    measured = verified.claims.mr_enclave or verified.claims.mr_td or b""
+    err_console.print(
+        f"Broker attestation succeeded{insecure}: {verified.description}, measurement {measured.hex()}", markup=False
+    )
 
 
 def _client(app: App, url: str, ca_file: str | None) -> BrokerLike:
