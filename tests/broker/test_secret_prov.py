@@ -1,9 +1,12 @@
 """Gramine secret provisioning (tee-formats.md §2.3) over real TLS on 127.0.0.1: our server,
-our client, a raw TLS client driven by hand to check the bytes, and the CLI in a subprocess."""
+our client, a raw TLS client driven by hand to check the bytes, a client presenting a
+self-signed RA-TLS certificate as Gramine's libsecret_prov_attest does, and the CLI in a
+subprocess."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
 import socket
@@ -18,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -27,7 +31,13 @@ from cryptography.x509.oid import NameOID
 from enclaveml.attestation.claims import Claims
 from enclaveml.attestation.evidence import verify_evidence
 from enclaveml.attestation.policy import Policy
-from enclaveml.attestation.ratls import Evidence, create_ratls_certificate
+from enclaveml.attestation.ratls import (
+    GRAMINE_LEGACY_QUOTE_OID,
+    TCG_EVIDENCE_CBOR_TAG,
+    TCG_TAGGED_EVIDENCE_OID,
+    Evidence,
+    create_ratls_certificate,
+)
 from enclaveml.attestation.ratls_tls import _open_anchor_key, client_context, open_anchor_certificate
 from enclaveml.attestation.sim import SimulationKey, create_sim_evidence, measure_workload
 from enclaveml.broker.secret_prov import RESPONSE_HEADER_SIZE, SecretProvisioningServer
@@ -191,11 +201,16 @@ def fetch(running: Running, key: SimulationKey, measurement: bytes) -> bytes:
 
 
 def raw_exchange(running: Running, cert_pem: bytes, key_pem: bytes, request: bytes) -> bytes:
+    """Our client's TLS context (the certificate re-issued under the open anchor), driven by hand."""
+    context = client_context(cert_pem=cert_pem, key_pem=key_pem, server_ca_pem=running.identity.ca_pem)
+    return exchange(running, context, request)
+
+
+def exchange(running: Running, context: ssl.SSLContext, request: bytes) -> bytes:
     """A TLS client driven by hand: send ``request`` and return every byte until the server closes.
 
     A server that closes while our request is unread resets the connection: that is the end too.
     """
-    context = client_context(cert_pem=cert_pem, key_pem=key_pem, server_ca_pem=running.identity.ca_pem)
     received = bytearray()
     with (
         socket.create_connection((HOST, running.port), timeout=TIMEOUT) as sock,
@@ -313,25 +328,22 @@ def _certificate(
     return builder.sign(signer, hashes.SHA256()).public_bytes(PEM)
 
 
-def test_a_client_certificate_without_evidence_is_refused(start_server: ServerFactory) -> None:
+def test_an_open_anchor_certificate_without_evidence_is_refused(start_server: ServerFactory) -> None:
     running = start_server()
     key = ec.generate_private_key(ec.SECP384R1())
-    self_signed = _certificate(key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "enclaveml")]), key)
-
-    # A plain self-signed certificate: TLS itself refuses it (not under the open anchor).
-    assert raw_exchange(running, self_signed, _key_pem(key), GRAMINE_REQUEST) == b""
-    assert running.audit.wait_for("secret_prov.refused")["reason"] == "tls_client_certificate_rejected"
-
-    # Issued under the open anchor, so TLS lets it through: the evidence check refuses it.
-    running = start_server()
     anchored = _certificate(key, open_anchor_certificate().subject, _open_anchor_key())
+
     assert raw_exchange(running, anchored, _key_pem(key), GRAMINE_REQUEST) == b""
     assert running.audit.wait_for("secret_prov.refused")["reason"] == "ratls_no_evidence"
 
 
-def test_a_client_without_a_certificate_is_refused_in_the_handshake(start_server: ServerFactory) -> None:
+@pytest.mark.parametrize("tls", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+def test_a_client_without_a_certificate_is_refused_in_the_handshake(
+    start_server: ServerFactory, tls: ssl.TLSVersion
+) -> None:
     running = start_server()
     context = client_context(server_ca_pem=running.identity.ca_pem)
+    context.maximum_version = tls
     received = b""
     with (
         contextlib.suppress(ConnectionError, ssl.SSLError),  # TLS 1.2 would fail in the handshake itself
@@ -342,7 +354,7 @@ def test_a_client_without_a_certificate_is_refused_in_the_handshake(start_server
         received = tls.recv(4096)
 
     assert received == b""
-    assert running.audit.wait_for("secret_prov.refused")["reason"] == "tls_handshake_failed"
+    assert running.audit.wait_for("secret_prov.refused")["reason"] == "tls_no_client_certificate"
 
 
 def test_evidence_bound_to_another_key_is_refused(
@@ -386,6 +398,152 @@ def test_the_server_stops_on_shutdown(start_server: ServerFactory, tee_key: Simu
     assert time.monotonic() - started < 5
     with pytest.raises(OSError):  # nothing listens any more
         socket.create_connection((HOST, port), timeout=2).close()
+
+
+# -- a stock Gramine client: its RA-TLS certificate is self-signed ---------------------------------
+
+GRAMINE_NAME = x509.Name(
+    [
+        x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "GramineDevelopers"),
+        x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+    ]
+)
+GRAMINE_1_8 = (GRAMINE_LEGACY_QUOTE_OID, TCG_TAGGED_EVIDENCE_OID)  # Gramine >= 1.8 writes both extensions
+GRAMINE_1_4 = (GRAMINE_LEGACY_QUOTE_OID,)  # 1.4 to 1.7: the legacy one only
+
+
+def spki_sha256(key: ec.EllipticCurvePrivateKey) -> bytes:
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).digest()
+
+
+def gramine_ratls_certificate(
+    evidence_for: Callable[[bytes], bytes],
+    *,
+    embed: Sequence[x509.ObjectIdentifier] = GRAMINE_1_8,
+    binds: ec.EllipticCurvePrivateKey | None = None,
+    signed_by: ec.EllipticCurvePrivateKey | None = None,
+    issuer: x509.Name = GRAMINE_NAME,
+    alter_signature: bool = False,
+) -> tuple[bytes, bytes]:
+    """``(cert_pem, key_pem)`` as Gramine's ``ra_tls_attest.c`` makes them (tee-formats.md §2.2).
+
+    A fresh P-384 key signs its own certificate (SHA-256); issuer = subject =
+    ``CN=RATLS,O=GramineDevelopers,C=US``, serial 1. The legacy extension (under Gramine's
+    mis-encoded OID) holds evidence over ``SHA-256(SPKI) || 0^32``; the TCG one holds
+    ``tag(60000)[evidence, claims]``, that evidence over ``SHA-256(claims) || 0^32``. The
+    attacks: ``binds`` hashes another key, ``signed_by`` signs with another key, ``issuer``
+    names another issuer, ``embed=()`` leaves the evidence out, ``alter_signature`` flips a
+    bit of the signature.
+    """
+    key = ec.generate_private_key(ec.SECP384R1())
+    key_hash = spki_sha256(binds or key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(GRAMINE_NAME)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(1)
+        # Gramine's default window, 2001 to 2030 (RA_TLS_CERT_TIMESTAMP_NOT_AFTER moves its end).
+        .not_valid_before(datetime(2001, 1, 1, tzinfo=UTC))
+        .not_valid_after(max(datetime(2030, 12, 31, 23, 59, 59, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1)))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+    )
+    for oid in embed:
+        if oid == TCG_TAGGED_EVIDENCE_OID:
+            claims = cbor2.dumps({"pubkey-hash": cbor2.dumps([1, key_hash])})
+            evidence = evidence_for(hashlib.sha256(claims).digest() + bytes(32))
+            value = cbor2.dumps(cbor2.CBORTag(TCG_EVIDENCE_CBOR_TAG, [evidence, claims]))
+        else:
+            value = evidence_for(key_hash + bytes(32))
+        builder = builder.add_extension(x509.UnrecognizedExtension(oid, value), critical=False)
+    der = bytearray(builder.sign(signed_by or key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    if alter_signature:
+        der[-1] ^= 0x01  # the last byte of the ECDSA signature's s
+    return x509.load_der_x509_certificate(bytes(der)).public_bytes(PEM), _key_pem(key)
+
+
+def gramine_client(
+    running: Running, cert_pem: bytes, key_pem: bytes, tmp_path: Path, tls: ssl.TLSVersion
+) -> ssl.SSLContext:
+    """A plain TLS client that presents the certificate as it is, as libsecret_prov_attest does.
+
+    It verifies the server by the CA and host name (``SECRET_PROVISION_CA_CHAIN_PATH``); no
+    open anchor is involved.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.maximum_version = tls
+    context.load_verify_locations(cadata=running.identity.ca_pem.decode())
+    chain = tmp_path / "ratls-cert-and-key.pem"
+    chain.write_bytes(cert_pem + key_pem)
+    context.load_cert_chain(chain)
+    return context
+
+
+@pytest.mark.parametrize("tls", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1.2", "tls1.3"])
+@pytest.mark.parametrize("embed", [GRAMINE_1_8, GRAMINE_1_4], ids=["gramine-1.8", "gramine-1.4"])
+def test_a_gramine_client_presenting_a_self_signed_ratls_certificate_receives_the_secret(
+    start_server: ServerFactory,
+    tee_key: SimulationKey,
+    measurement: bytes,
+    tmp_path: Path,
+    tls: ssl.TLSVersion,
+    embed: Sequence[x509.ObjectIdentifier],
+) -> None:
+    running = start_server()
+    cert_pem, key_pem = gramine_ratls_certificate(sim_evidence_for(tee_key, measurement), embed=embed)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cert.issuer == cert.subject == GRAMINE_NAME
+    cert.verify_directly_issued_by(cert)  # really self-signed: no open anchor anywhere
+
+    received = exchange(running, gramine_client(running, cert_pem, key_pem, tmp_path, tls), GRAMINE_REQUEST)
+
+    assert received == GRAMINE_RESPONSE + len(SECRET).to_bytes(4, "big") + SECRET
+    release = running.audit.wait_for("secret_prov.release")
+    assert release["measurement"] == measurement.hex()
+    assert release["secret_size"] == len(SECRET)
+
+
+def _p384() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+@pytest.mark.parametrize(
+    ("defect", "reason"),
+    [
+        pytest.param(lambda: {"binds": _p384()}, "ratls_key_binding_mismatch", id="evidence_binds_another_key"),
+        pytest.param(lambda: {"embed": ()}, "ratls_no_evidence", id="no_ratls_extension"),
+        pytest.param(lambda: {"alter_signature": True}, "ratls_certificate_signature_invalid", id="signature_altered"),
+        pytest.param(lambda: {"signed_by": _p384()}, "ratls_certificate_signature_invalid", id="signed_by_another_key"),
+        pytest.param(
+            lambda: {"signed_by": _p384(), "issuer": x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "some CA")])},
+            "ratls_certificate_issuer_unknown",
+            id="issued_by_an_unknown_ca",
+        ),
+    ],
+)
+def test_a_defective_self_signed_certificate_is_refused_with_nothing_sent(
+    start_server: ServerFactory,
+    tee_key: SimulationKey,
+    measurement: bytes,
+    tmp_path: Path,
+    defect: Callable[[], dict[str, Any]],
+    reason: str,
+) -> None:
+    running = start_server()
+    # Apart from its one defect, each certificate carries valid evidence of the trusted workload.
+    cert_pem, key_pem = gramine_ratls_certificate(sim_evidence_for(tee_key, measurement), **defect())
+    context = gramine_client(running, cert_pem, key_pem, tmp_path, ssl.TLSVersion.MAXIMUM_SUPPORTED)
+
+    assert exchange(running, context, GRAMINE_REQUEST) == b""
+
+    refusal = running.audit.wait_for("secret_prov.refused")
+    assert refusal["reason"] == reason
+    assert "measurement" not in refusal  # refused before the evidence counted for anything
+    assert "secret_prov.release" not in [event for event, _ in running.audit.events]
 
 
 # -- the CLI in a subprocess ------------------------------------------------------------------------

@@ -19,7 +19,9 @@ OpenSSL accept the certificate and check the client's proof of possession of the
 which ``accept_verified`` checks the evidence. A context built with
 ``require_client_ratls=True`` therefore refuses ``wrap_socket``/``wrap_bio``: use
 ``accept_verified``. With TLS 1.3 the client finishes its handshake before the server has
-judged its certificate; a rejected client sees EOF on its first read.
+judged its certificate; a rejected client sees EOF on its first read. (The secret
+provisioning server, ``broker.secret_prov``, is built on pyOpenSSL instead: its verify
+callback takes Gramine's self-signed client certificates as well as open-anchor ones.)
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from enclaveml.attestation.claims import Claims
 from enclaveml.attestation.policy import PolicyViolation
@@ -118,7 +118,8 @@ class SecretProvisioningServer:
     """Gramine's secret provisioning protocol for attested clients; one thread per connection.
 
     ``cert_pem`` (with any intermediates) and ``key_pem`` are the server's CA-issued
-    identity; point the enclave's ``SECRET_PROVISION_CA_CHAIN_PATH`` at that CA.
+    identity; point the enclave's ``SECRET_PROVISION_CA_CHAIN_PATH`` at that CA. Clients
+    present Gramine's self-signed RA-TLS certificate, or ours under the open anchor.
     ``verifier`` checks the client's evidence; ``decide(claims)`` returns the secret for that
     workload, or ``None`` to refuse (it may also raise ``AttestationError``/``PolicyError``,
     whose reason is audited). At most ``max_connections`` connections are served at once
@@ -384,9 +385,9 @@ def _server_context(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
     """TLS >= 1.2 presenting ``cert_pem`` (leaf, then intermediates), requiring a client certificate.
 
     Python's ``ssl`` has no verify callback, so it cannot take a self-signed client certificate
-    it does not already trust. Here the callback takes any, and OpenSSL still checks the
-    client's CertificateVerify: the client holds the certificate's key. No session cache and
-    no tickets: every connection presents, and has verified, its certificate.
+    it does not already trust. Here the callback takes any; OpenSSL still checks the client's
+    CertificateVerify, so the client holds the certificate's key. No session cache and no
+    tickets: every connection presents, and has verified, its certificate.
     """
     chain = x509.load_pem_x509_certificates(cert_pem)  # ValueError if unreadable: bad config fails here
     key = serialization.load_pem_private_key(key_pem, password=None)
@@ -402,15 +403,11 @@ def _server_context(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
         context.add_extra_chain_cert(intermediate)
     context.use_privatekey(key)
     context.check_privatekey()
-    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _take_any_client_certificate)
+    # Any certificate passes: Gramine's is self-signed, so OpenSSL's chain verdict is always
+    # "untrusted", and like Gramine's ra_tls_verify_callback we ignore it. _verify_client checks
+    # the certificate right after the handshake, before any application byte is read.
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, lambda *_: True)
     return context
-
-
-def _take_any_client_certificate(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int) -> bool:
-    # Gramine's RA-TLS certificate is self-signed, so OpenSSL's chain verdict (``ok``) is always
-    # "untrusted"; like Gramine's ra_tls_verify_callback we ignore it. _verify_client checks the
-    # certificate after the handshake, before any application byte is read.
-    return True
 
 
 def _verify_certificate_signature(cert: x509.Certificate) -> None:
@@ -425,12 +422,9 @@ def _verify_certificate_signature(cert: x509.Certificate) -> None:
     elif cert.issuer == anchor.subject:
         issuer, signer = anchor, "the open anchor"
     else:
-        raise AttestationError(
-            "ratls_certificate_issuer_unknown",
-            f"the client certificate is issued by {cert.issuer.rfc4514_string()!r}, "
-            "neither by itself nor by the open anchor",
-            "an RA-TLS client certificate is self-signed (Gramine) or re-issued under the open anchor (enclaveml)",
-        )
+        what = f"the client certificate's issuer {cert.issuer.rfc4514_string()!r} is neither itself nor the open anchor"
+        hint = "an RA-TLS client certificate is self-signed (Gramine) or re-issued under the open anchor (enclaveml)"
+        raise AttestationError("ratls_certificate_issuer_unknown", what, hint)
     try:
         cert.verify_directly_issued_by(issuer)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
@@ -442,19 +436,14 @@ def _verify_certificate_signature(cert: x509.Certificate) -> None:
 
 
 def _openssl_reasons(exc: BaseException) -> list[str]:
-    """OpenSSL's reason strings in a pyOpenSSL ``SSL.Error`` (its only argument is the error queue)."""
-    queue = exc.args[0] if isinstance(exc, SSL.Error) and exc.args else None
-    if not isinstance(queue, list):
-        return []
+    """OpenSSL's reason strings in a pyOpenSSL ``SSL.Error`` (whose argument is OpenSSL's error queue)."""
+    queue = exc.args[0] if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list) else []
     return [str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry]
 
 
 class _TlsConnection:
-    """The server side of one pyOpenSSL connection on a non-blocking socket.
-
-    Every call waits at most until ``deadline`` (``time.monotonic()``), then raises
-    ``TimeoutError``; failures are ``SSL.Error`` (``SSL.SysCallError`` for a reset).
-    """
+    """The server side of one pyOpenSSL connection on a non-blocking socket. Every call waits
+    at most until ``deadline`` (``time.monotonic()``), then raises ``TimeoutError``."""
 
     def __init__(self, context: SSL.Context, sock: socket.socket, deadline: float) -> None:
         sock.setblocking(False)  # OpenSSL uses the descriptor itself: we wait with selectors
@@ -478,12 +467,10 @@ class _TlsConnection:
         """At most ``size`` bytes; ``b""`` once the client has closed (close_notify or plain EOF)."""
         try:
             return self._call(functools.partial(self._conn.recv, size))
-        except SSL.ZeroReturnError:
+        except (SSL.ZeroReturnError, SSL.SysCallError) as exc:
+            if isinstance(exc, SSL.SysCallError) and exc.args[:1] != (-1,):  # a reset, not "Unexpected EOF"
+                raise
             return b""
-        except SSL.SysCallError as exc:
-            if exc.args and exc.args[0] == -1:  # "Unexpected EOF"
-                return b""
-            raise
 
     def sendall(self, data: bytes) -> None:
         view = memoryview(data)

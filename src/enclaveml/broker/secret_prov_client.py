@@ -7,9 +7,10 @@ verifying the *server* by a CA certificate and host name, send
 the 4-byte big-endian secret size, then the secret. A server that refuses closes the
 connection without a response: that is ``AttestationError("secret_prov_refused")``.
 
-The client certificate is re-issued under the open anchor (``ratls_tls.client_context``),
-which our server requires and which Gramine's server also accepts (its verifier reads only
-the certificate at depth 0).
+The client certificate is re-issued under the open anchor (``ratls_tls.client_context``):
+Python's ``ssl`` client cannot present a certificate a stdlib server could not verify
+otherwise. Our server accepts it as well as Gramine's self-signed certificates, and
+Gramine's server accepts it too (its verifier reads only the certificate at depth 0).
 """
 
 from __future__ import annotations
