@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_crypto.py
 	$(BIN)/python benchmarks/bench_attestation.py
 	$(BIN)/python benchmarks/bench_broker.py
+	$(BIN)/python benchmarks/bench_analytics.py
+	$(BIN)/python benchmarks/bench_tpch.py
 
 vectors: $(STAMP)
 	$(BIN)/python scripts/make_eml_vectors.py

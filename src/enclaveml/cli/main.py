@@ -21,6 +21,8 @@ from enclaveml.cli.kms_cmds import kms
 from enclaveml.cli.policy_cmds import policy
 from enclaveml.cli.run_cmds import run
 from enclaveml.cli.secret_prov_cmds import secret_prov
+from enclaveml.cli.submit_cmds import submit
+from enclaveml.cli.tpch_cmds import tpch
 from enclaveml.errors import ConfigError, EnclaveMLError
 
 __all__ = ["cli", "main"]
@@ -64,6 +66,8 @@ cli.add_command(doctor)
 cli.add_command(secret_prov)
 cli.add_command(broker)
 cli.add_command(run)
+cli.add_command(submit)
+cli.add_command(tpch)
 
 
 def _fail(message: str, code: int) -> int:

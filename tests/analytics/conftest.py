@@ -1,0 +1,45 @@
+"""Shared data for the analytics tests: a small people.csv, in plaintext and encrypted.
+
+The plaintext lives in ``plain/``, apart from the ``work/`` directory the tests read from
+and write to, so ``assert_no_plaintext(work)`` can prove nothing decrypted reached disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from analytics_data import PEOPLE_ROWS
+
+from enclaveml.crypto import encrypt_file
+from enclaveml.datagen.people import write_people_csv
+from enclaveml.kms import LocalKms
+
+
+@pytest.fixture
+def people_csv(tmp_path: Path) -> Path:
+    (tmp_path / "plain").mkdir()
+    path = tmp_path / "plain" / "people.csv"
+    write_people_csv(path, PEOPLE_ROWS)
+    return path
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """Where encrypted inputs and all outputs go; must never hold plaintext."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def spill(tmp_path: Path) -> Path:
+    """The parent of DuckDB's private temp directory (a TMPDIR for the context)."""
+    (tmp_path / "spill").mkdir()
+    return tmp_path / "spill"
+
+
+@pytest.fixture
+def people_eml(people_csv: Path, work: Path, kms: LocalKms) -> Path:
+    path = work / "people.csv.eml"
+    encrypt_file(people_csv, path, kms, "customers")
+    return path
