@@ -3,8 +3,9 @@
 Foundation: init -> create-key -> datagen -> encrypt -> inspect -> decrypt -> byte-identical
 check -> rotate -> rewrap -> decrypt again -> a tampered copy rejected (exit 4, no output).
 Key broker: init -> (broker served in this process) -> enroll -> broker key -> encrypt with
-it -> policy register -> `enclaveml run --verify-broker` of an attested job -> a modified job
-refused (exit 3) -> audit verify. Everything happens in ./demo-out; no server to start.
+it -> policy register -> `enclaveml run --verify-broker` of the attested SimpleQuery job
+(encrypted answer, decrypted by the owner) -> a modified job refused (exit 3) -> audit
+verify. Everything happens in ./demo-out; no server to start.
 """
 
 from __future__ import annotations
@@ -104,8 +105,10 @@ def broker_demo() -> None:
         as_owner = _env_with(ENCLAVEML_APP_ID=owner[0], ENCLAVEML_API_KEY=owner[1])
         run("kms", "--backend", "broker", "create-key", "customers", env=as_owner)
         run("encrypt", "people.csv", "people.broker.csv.eml", "--kms", "broker", "--key", "customers", env=as_owner)
-        shutil.copyfile(ROOT / "examples" / "job_simple_query.py", OUT / "job.py")
-        job = ["python", "job.py", "people.broker.csv.eml"]
+        # The seeds' SimpleQuery (examples/simple_query.py) as the attested job: it reads the
+        # encrypted people file with the released key and writes its answer encrypted.
+        shutil.copyfile(ROOT / "examples" / "simple_query.py", OUT / "job.py")
+        job = ["python", "job.py", "people.broker.csv.eml", "adults.csv.eml", "--kms", "session"]
 
         as_workload = _env_with(ENCLAVEML_APP_ID=workload[0], ENCLAVEML_API_KEY=workload[1])
         measurement = run("run", "--tee", "sim", "--print-measurement", "--", *job, env=as_workload).stdout.strip()
@@ -119,6 +122,10 @@ def broker_demo() -> None:
         broker = ["--broker", server.url, "--ca", str(cert), "--keys", "customers", "--tee", "sim"]
         verify = ["--verify-broker", "broker-policy.toml"]
         run("run", *broker, *verify, "--", *job, env=as_workload)
+        run("decrypt", "adults.csv.eml", "adults.csv", "--kms", "broker", env=as_owner)
+        print("  the owner decrypted the job's encrypted answer:")
+        for line in (OUT / "adults.csv").read_text().splitlines()[:4]:
+            print(f"    {line}")
 
         (OUT / "job.py").write_text((OUT / "job.py").read_text() + "\nprint('and now send the data elsewhere')\n")
         print("  modified job.py (one line appended)")
