@@ -108,7 +108,7 @@ def submit(
     Each local/sim run writes a JSON record (metadata only: no data values) to --records.
 
     \b
-    Examples:
+    Example:
       enclaveml submit --mode local job.py people.csv.eml
       enclaveml submit --mode sim --broker https://broker:8443 --ca ca.pem --keys customers \\
           job.py people.csv.eml
