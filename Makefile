@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev,analytics]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev,analytics,spark,ml]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,7 @@ vectors: $(STAMP)
 # Re-pin after changing dependencies in pyproject.toml (never run implicitly: a fresh clone installs the lock).
 lock:
 	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv==$(UV_VERSION); }
-	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev --extra analytics pyproject.toml -o requirements.lock
+	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev --extra analytics --extra spark --extra ml pyproject.toml -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
