@@ -222,7 +222,7 @@ def test_k8s_without_spark_submit_is_a_usage_error(tmp_path: Path, env: dict[str
     assert "spark-submit not found (install the spark extra or use --dry-run)" in done.stderr
     assert "WARNING" in done.stderr
     help_text = _enclaveml(["submit", "--help"], env, tmp_path)
-    assert "Examples:" in help_text.stdout
+    assert "Example:" in help_text.stdout
     missing = _enclaveml(["submit", "--mode", "sim", "job.py"], env, tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1
