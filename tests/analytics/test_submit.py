@@ -215,7 +215,8 @@ def test_dry_run_prints_templates_and_command_and_writes_nothing(tmp_path: Path,
 
 
 def test_k8s_without_spark_submit_is_a_usage_error(tmp_path: Path, env: dict[str, str]) -> None:
-    env["PATH"] = str(Path(sys.executable).parent)  # no spark-submit here
+    (tmp_path / "no-spark").mkdir()
+    env["PATH"] = str(tmp_path / "no-spark")  # pyspark puts spark-submit beside sys.executable: not on this PATH
     args = ["submit", "--mode", "k8s-client", "--master", "k8s://https://10.0.0.1:6443", "--image", "reg/job:1"]
     done = _enclaveml([*args, "--unsafe-no-attestation", "job.py"], env, tmp_path)
     assert done.returncode == 2
