@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev,analytics,spark,ml]'
+	$(BIN)/python scripts/build_java.py
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,4 +43,4 @@ lock:
 	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev --extra analytics --extra spark --extra ml pyproject.toml -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/enclaveml/analytics/jars

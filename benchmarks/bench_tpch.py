@@ -13,7 +13,12 @@ One run, the same data (``tpchgen-cli`` at ``--sf``, default 1) written three wa
 These VMs change speed within minutes, so for every query the candidates and the baseline
 alternate within each of ``--rounds`` rounds (their order flips from round to round) after
 one untimed warm-up each; a query's ratio is the median of its per-round ratios, and the
-geometric mean is taken over the 22 ratios. Encrypted and plaintext results must be
+geometric mean is taken over the 22 ratios.
+
+``--spark`` adds Spark (PySpark ``local[2]``, the hardened ``secure_spark_session``):
+standard-flavour tables read by parquet-mr with our Java KmsClient vs the same tables
+rewritten by pyarrow without encryption (identical layout), interleaved the same way; goal
+geomean ≤ 1.15×. Encrypted and plaintext results must be
 identical, and at SF 0.01 / 0.1 / 1 they are checked against DuckDB's answers (query 13 is
 skipped for tpchgen data, see ``enclaveml.analytics.tpch``); exit status 1 if not.
 """
@@ -39,6 +44,7 @@ from enclaveml.crypto.parquet import read_encrypted_parquet
 from enclaveml.kms import SCRYPT_FAST_FOR_TESTS, LocalKms
 
 GOAL = 1.10
+SPARK_GOAL = 1.15
 
 
 def timed_query(con: duckdb.DuckDBPyConnection, query: int) -> tuple[float, list[tuple[object, ...]]]:
@@ -72,6 +78,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per query [3]")
     parser.add_argument("--queries", default="1-22", help="e.g. 1,3,5 [1-22]")
     parser.add_argument("--no-cross", action="store_true", help="skip the standard-flavour (pyarrow) path")
+    parser.add_argument("--spark", action="store_true", help="also measure Spark local[2] (standard flavour)")
     parser.add_argument("--workdir", help="keep the generated data here (default: a temporary directory)")
     parser.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     args = parser.parse_args()
@@ -85,10 +92,98 @@ def main() -> int:
         started = time.perf_counter()
         tpch.generate(args.sf, work / "plain")
         tpch.generate(args.sf, work / "duckdb", kms=kms, key="tpch", flavour="duckdb")
-        if not args.no_cross:
+        if not args.no_cross or args.spark:
             tpch.generate(args.sf, work / "standard", kms=kms, key="tpch", flavour="standard")
         print(f"generated SF {args.sf:g} three ways in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-        return measure(args, work, kms, queries)
+        status = measure(args, work, kms, queries)
+        if args.spark:
+            status |= measure_spark(args, work, kms, queries)
+        return status
+
+
+def same_layout_plaintext(standard: Path, out: Path, kms: LocalKms) -> Path:
+    """The standard-flavour tables rewritten by pyarrow without encryption: the same row groups
+    and pages, so Spark's splits (and so its parallelism) are identical and only crypto differs."""
+    import pyarrow.parquet as pq
+
+    out.mkdir(exist_ok=True)
+    manifest = json.loads((standard / "tpch.json").read_text())
+    for names in manifest["files"].values():
+        for name in names:
+            pq.write_table(read_encrypted_parquet(standard / name, kms), out / name)
+    (out / "tpch.json").write_text(json.dumps({**manifest, "flavour": "plain", "key": None}))
+    return out
+
+
+def same_rows(left: list[tuple[object, ...]], right: list[tuple[object, ...]]) -> bool:
+    """Equal rows; doubles within 1e-9 relative (Spark sums in task order, which may differ)."""
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+        return a == b
+
+    return len(left) == len(right) and all(
+        len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
+        for x, y in zip(left, right, strict=True)
+    )
+
+
+def measure_spark(args: argparse.Namespace, work: Path, kms: LocalKms, queries: list[int]) -> int:
+    """Spark: standard-flavour encrypted vs plaintext Parquet, one SparkSession, two child sessions."""
+    from enclaveml.analytics.spark_engine import SparkEngine, secure_spark_session, stop_spark_session
+    from enclaveml.analytics.tpch_spark import register_tables, timed_spark_query
+
+    plain_dir = same_layout_plaintext(work / "standard", work / "spark-plain", kms)
+    spark = secure_spark_session(conf={"spark.sql.shuffle.partitions": "8"})
+    engine = SparkEngine(kms, spark=spark)
+    plain = spark.newSession()
+    register_tables(plain, plain_dir, plain=True)
+    register_tables(engine.spark, work / "standard", plain=False)
+    con = tpch.connect()
+    tpch.load_tpch_extension(con)
+    rows: list[dict[str, object]] = []
+    wrong: list[str] = []
+    try:
+        for query in queries:
+            sql = tpch.query_text(con, query)
+            if not same_rows(
+                timed_spark_query(plain, query, sql).rows, timed_spark_query(engine.spark, query, sql).rows
+            ):
+                wrong.append(f"Q{query}: Spark encrypted result differs from plaintext")
+            times: dict[str, list[float]] = {"plain": [], "standard": []}
+            for round_number in range(args.rounds):
+                kinds = ["plain", "standard"] if round_number % 2 == 0 else ["standard", "plain"]
+                for kind in kinds:
+                    session = plain if kind == "plain" else engine.spark
+                    times[kind].append(timed_spark_query(session, query, sql).seconds)
+            ratio = statistics.median(e / p for e, p in zip(times["standard"], times["plain"], strict=True))
+            row = {
+                "query": query,
+                "plain_s": statistics.median(times["plain"]),
+                "standard_s": statistics.median(times["standard"]),
+                "ratio": ratio,
+            }
+            rows.append(row)
+            print(f"Spark Q{query:<2} {json.dumps(row)}", file=sys.stderr)
+    finally:
+        con.close()
+        engine.close()
+        stop_spark_session(spark)
+    geo = geomean([float(str(r["ratio"])) for r in rows])
+    print()
+    print(f"# TPC-H SF {args.sf:g} on Spark local[2]: standard-flavour encrypted vs plaintext Parquet")
+    print()
+    print("| query | plain s | encrypted s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| Q{r['query']} | {r['plain_s']:.3f} | {r['standard_s']:.3f} | {r['ratio']:.2f}× |")
+    print(f"| **geomean** | | | **{geo:.3f}×** |")
+    print()
+    verdict = "met" if geo <= SPARK_GOAL else "NOT met"
+    print(f"goal: Spark geomean ≤ {SPARK_GOAL:.2f}× plaintext: {verdict} ({geo:.3f}×)")
+    print("answers: " + ("; ".join(wrong) if wrong else "Spark encrypted = plaintext for every query"))
+    return 1 if wrong else 0
 
 
 def measure(args: argparse.Namespace, work: Path, kms: LocalKms, queries: list[int]) -> int:

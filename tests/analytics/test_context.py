@@ -307,9 +307,9 @@ def test_a_key_that_was_not_released_is_refused(monkeypatch: pytest.MonkeyPatch,
 # -- engine and settings ------------------------------------------------------------------
 
 
-def test_spark_is_not_built_yet(kms: LocalKms) -> None:
-    with pytest.raises(ConfigError, match="Spark engine is not built yet"):
-        TrustedContext(engine="spark", kms=kms)
+def test_an_unknown_engine_is_refused(kms: LocalKms) -> None:
+    with pytest.raises(ConfigError, match="unknown engine 'polars'"):
+        TrustedContext(engine="polars", kms=kms)
 
 
 def test_duckdb_cannot_spill_and_its_settings_are_locked(ctx: TrustedContext, spill: Path) -> None:

@@ -17,7 +17,8 @@ plaintext             only with ``allow_plain=True``
 
 Outputs are all or nothing: a temporary file beside the target, renamed when complete.
 Keys: see ``key_source`` (given KMS, else the job's attested session inside ``enclaveml
-run``, else the local key store). The Spark engine is another session's work.
+run``, else the local key store). ``engine="spark"`` delegates every method to
+``spark_engine.SparkEngine`` (Spark SQL, parquet-mr encryption with our Java KmsClient).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ from enclaveml.errors import ConfigError, IntegrityError
 if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
+    from pyspark.sql import SparkSession
+
+    from enclaveml.analytics.spark_engine import SparkEngine
 
 __all__ = ["Format", "ParquetFlavour", "Result", "TrustedContext"]
 
@@ -128,13 +132,16 @@ class TrustedContext:
 
     Parameters (all keyword-only but ``engine``):
 
-    - ``engine="duckdb"``: ``"spark"`` is not built yet (``ConfigError``).
+    - ``engine="duckdb"`` or ``"spark"`` (``spark_engine``: results are ``SparkResult``s).
     - ``kms=None``: a ``KeyWrapper`` (``LocalKms``, ``BrokerKms``, ``enclaveml.session()``),
       ``"session"``, ``"local"``, or ``None`` for the session inside ``enclaveml run`` and the
       local key store elsewhere (``key_source``).
     - ``temp_directory=None``: where DuckDB's private 0700 temp directory is created
       (default: the system temp directory). Spilling into it is off.
     - ``memory_limit=None``, ``threads=None``: DuckDB's settings, default DuckDB's own.
+    - ``spark_session=None``: Spark only: a running SparkSession to use (its security
+      settings are checked); default ``secure_spark_session()``, stopped by ``close()``.
+      For Spark, ``temp_directory`` is the parent of Spark's private local directory.
 
     Use as a context manager, or call ``close()``: it closes DuckDB and removes its temp directory.
     """
@@ -147,13 +154,19 @@ class TrustedContext:
         temp_directory: str | os.PathLike[str] | None = None,
         memory_limit: str | None = None,
         threads: int | None = None,
+        spark_session: Any = None,
     ) -> None:
-        if engine == "spark":
-            raise ConfigError("the Spark engine is not built yet", "use TrustedContext(engine='duckdb')")
-        if engine != "duckdb":
-            raise ConfigError(f"unknown engine {engine!r}", "use engine='duckdb'")
+        if engine not in ("duckdb", "spark"):
+            raise ConfigError(f"unknown engine {engine!r}", "use engine='duckdb' or engine='spark'")
         self.engine = engine
         self.kms = resolve_key_source(kms)
+        self._spark: SparkEngine | None = None
+        if engine == "spark":
+            from enclaveml.analytics.spark_engine import SparkEngine
+
+            self._spark = SparkEngine(self.kms, spark=spark_session, temp_directory=temp_directory)
+            self.temp_directory = self._spark.local_directory
+            return
         self.temp_directory = private_temp_directory(temp_directory)
         try:
             self._con = connect_hardened(self.temp_directory, memory_limit=memory_limit, threads=threads)
@@ -183,6 +196,8 @@ class TrustedContext:
         table = name if name is not None else table_name_for(source)
         if not _NAME_RE.fullmatch(table):
             raise ConfigError(f"invalid table name {table!r}", "use letters, digits and _, not starting with a digit")
+        if self._spark is not None:
+            return self._spark.read(parts, format, table, allow_plain=allow_plain)
         if format == "parquet":
             self._read_parquet(parts, table, allow_plain=allow_plain)
         else:
@@ -242,9 +257,13 @@ class TrustedContext:
 
     def sql(self, query: str) -> Result:
         """Run ``query`` on the registered tables; a statement without rows gives an empty ``Result``."""
+        if self._spark is not None:
+            return self._spark.sql(query)
         return Result(self._con.sql(query))
 
     def table(self, name: str) -> Result:
+        if self._spark is not None:
+            return self._spark.table(name)
         return Result(self._con.table(name))
 
     # -- writing -----------------------------------------------------------------------
@@ -271,6 +290,9 @@ class TrustedContext:
         target = Path(path)
         if not target.parent.is_dir():
             raise ConfigError(f"{target.parent}: no such directory", "create the output directory first")
+        if self._spark is not None:
+            self._spark.write(result, target, format, encrypted=encrypted, key=key, flavour=parquet_flavour)
+            return
         if format == "parquet":
             table = result if not isinstance(result, Result) else result.to_arrow()
             self._write_parquet(table, target, encrypted=encrypted, key=key, flavour=parquet_flavour)
@@ -294,9 +316,21 @@ class TrustedContext:
     @property
     def connection(self) -> duckdb.DuckDBPyConnection:
         """The DuckDB connection itself, for what the API does not cover (its settings are locked)."""
+        if self._spark is not None:
+            raise ConfigError("a Spark context has no DuckDB connection", "use ctx.spark (its SparkSession)")
         return self._con
 
+    @property
+    def spark(self) -> SparkSession:
+        """The context's own Spark session (``engine="spark"`` only): temp views and keys of this context."""
+        if self._spark is None:
+            raise ConfigError("a DuckDB context has no Spark session", "use TrustedContext(engine='spark')")
+        return self._spark.spark
+
     def close(self) -> None:
+        if self._spark is not None:
+            self._spark.close()
+            return
         with contextlib.suppress(Exception):
             self._con.close()
         shutil.rmtree(self.temp_directory, ignore_errors=True)

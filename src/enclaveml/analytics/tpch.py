@@ -84,7 +84,7 @@ __all__ = [
 
 TABLES = ("region", "nation", "supplier", "customer", "part", "partsupp", "orders", "lineitem")
 QUERIES = range(1, 23)
-ENGINES = ("duckdb",)
+ENGINES = ("duckdb", "spark")
 ANSWER_SCALE_FACTORS = (0.01, 0.1, 1.0)
 GENERATORS = ("tpchgen", "dbgen")
 # With tpchgen data these differ from DuckDB's answers by construction (see the docstring).
@@ -413,6 +413,10 @@ def run(
     chosen = list(queries)
     if bad := [q for q in chosen if q not in QUERIES]:
         raise ConfigError(f"there is no TPC-H query {bad[0]}", "choose queries from 1 to 22")
+    if engine == "spark":
+        from enclaveml.analytics.tpch_spark import run_spark
+
+        return run_spark(data_dir, chosen, kms=kms, plain=plain, progress=progress)
     con = connect()
     try:
         attach_tables(con, data_dir, kms=kms, plain=plain)

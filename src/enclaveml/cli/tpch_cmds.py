@@ -92,7 +92,13 @@ def gen(app: App, sf: float, out_dir: str, encrypt: bool, key: str | None, flavo
 
 @tpch.command("run")
 @click.argument("data_dir", metavar="DIR")
-@click.option("--engine", type=click.Choice(["duckdb"]), default="duckdb", show_default=True, help="Query engine.")
+@click.option(
+    "--engine",
+    type=click.Choice(["duckdb", "spark"]),
+    default="duckdb",
+    show_default=True,
+    help="Query engine (spark: standard-flavour tables).",
+)
 @click.option("--plain", is_flag=True, help="The tables are plaintext Parquet (no key store needed).")
 @click.option("--queries", callback=_query_list, metavar="N,N,...", help="Queries to run [default: 1-22].")
 @click.option("--check", "check_answers", is_flag=True, help="Compare with DuckDB's answers (SF 0.01, 0.1, 1).")
