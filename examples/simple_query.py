@@ -10,8 +10,9 @@ encrypted. The same script runs locally and inside an attested job::
         python examples/simple_query.py people.csv.eml adults.csv.eml --kms session     # keys from attestation
     enclaveml decrypt adults.csv.eml adults.csv
 
-``--plain`` reads a plaintext people.csv instead (same answer); ``--format`` picks the
-output format (csv, json or parquet). Errors print one line and exit non-zero.
+``--engine spark`` runs it on a hardened local Spark instead of embedded DuckDB (same
+answer); ``--plain`` reads a plaintext people.csv instead (same answer); ``--format`` picks
+the output format (csv, json or parquet). Errors print one line and exit non-zero.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="SimpleQuery on encrypted people.csv")
     parser.add_argument("input", help="people.csv.eml (or people.csv with --plain)")
     parser.add_argument("output", help="where to write the encrypted answer")
+    parser.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb", help="query engine")
     parser.add_argument("--kms", choices=["auto", "local", "session"], default="auto")
     parser.add_argument("--key", default="customers", help="primary key that encrypts the answer")
     parser.add_argument("--format", choices=["csv", "json", "parquet"], default="csv", help="output format")
     parser.add_argument("--plain", action="store_true", help="the input is plaintext, on purpose")
     args = parser.parse_args(argv)
     try:
-        with TrustedContext(engine="duckdb", kms=None if args.kms == "auto" else args.kms) as ctx:
+        with TrustedContext(engine=args.engine, kms=None if args.kms == "auto" else args.kms) as ctx:
             ctx.read(args.input, format="csv", name="people", allow_plain=args.plain)
             adults = ctx.sql(QUERY)
             print(f"{'job':<20} {'count':>8} {'avg salary':>12}")

@@ -6,6 +6,7 @@ and write to, so ``assert_no_plaintext(work)`` can prove nothing decrypted reach
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,16 @@ def people_eml(people_csv: Path, work: Path, kms: LocalKms) -> Path:
     path = work / "people.csv.eml"
     encrypt_file(people_csv, path, kms, "customers")
     return path
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One hardened ``local[2]`` SparkSession per test module (starting a JVM takes seconds)."""
+    from enclaveml.analytics.spark_engine import secure_spark_session, stop_spark_session
+
+    session = secure_spark_session(
+        local_dir_parent=tmp_path_factory.mktemp("spark-local"),
+        conf={"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2"},
+    )
+    yield session
+    stop_spark_session(session)

@@ -1,9 +1,10 @@
 """``TrustedContext(engine="spark")``: the same story as on DuckDB, on a hardened Spark with parquet-mr encryption.
 
-One SparkSession (``local[2]``) serves the whole module; each test opens its own context (a
-child session holding that test's keys). Files cross between Spark (parquet-mr + our Java
-``EnclaveKmsClient``) and pyarrow (``read_encrypted_parquet`` / ``write_encrypted_parquet``)
-in both directions; after failures no output file exists and nothing decrypted is on disk.
+One SparkSession (``local[2]``, the ``spark`` fixture of conftest.py) serves the whole module;
+each test opens its own context (a child session holding that test's keys). Files cross
+between Spark (parquet-mr + our Java ``EnclaveKmsClient``) and pyarrow
+(``read_encrypted_parquet`` / ``write_encrypted_parquet``) in both directions; after
+failures no output file exists and nothing decrypted is on disk.
 """
 
 from __future__ import annotations
@@ -38,18 +39,6 @@ QUERY = (
     "WHERE age BETWEEN 20 AND 40 GROUP BY job ORDER BY job"
 )
 SPARK_DEFAULT_REDACTION = re.compile(r"(?i)secret|password|token|access[.]?key")
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    from enclaveml.analytics.spark_engine import secure_spark_session, stop_spark_session
-
-    session = secure_spark_session(
-        local_dir_parent=tmp_path_factory.mktemp("spark-local"),
-        conf={"spark.sql.shuffle.partitions": "2", "spark.default.parallelism": "2"},
-    )
-    yield session
-    stop_spark_session(session)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
 from enclaveml.cli.attest_cmds import attest
 from enclaveml.cli.broker_cmds import broker
+from enclaveml.cli.convert_cmds import convert
 from enclaveml.cli.datagen_cmds import datagen
 from enclaveml.cli.doctor_cmds import doctor
 from enclaveml.cli.enclave_cmds import enclave
@@ -58,6 +59,7 @@ cli.add_command(encrypt)
 cli.add_command(decrypt)
 cli.add_command(inspect)
 cli.add_command(rewrap)
+cli.add_command(convert)
 cli.add_command(datagen)
 cli.add_command(enclave)
 cli.add_command(attest)
