@@ -182,17 +182,7 @@ def release(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     released = ctx.store.release_key_material(
         record.policy_id, name, actor=call.caller.app_id, now=call.now, nonce=claim
     )
-    bundle = {
-        "keys": [
-            {
-                "name": k.name,
-                "key_id": k.key_id,
-                "version": k.version,
-                "material": base64.b64encode(k.material).decode(),
-            }
-            for k in released
-        ]
-    }
+    bundle = {"keys": [k.to_json() for k in released]}
     sealed = seal_for_recipient(json.dumps(bundle).encode(), public_key, nonce)
     return {
         "key": name,

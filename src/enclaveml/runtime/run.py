@@ -174,10 +174,7 @@ def _release_one(broker: BrokerLike, tee: Tee, name: str) -> tuple[list[Released
     bundle = recipient.open(_b64(answer, "sealed"), nonce)
     try:
         doc = json.loads(bundle)
-        keys = [
-            ReleasedKey(str(k["name"]), str(k["key_id"]), int(k["version"]), base64.b64decode(k["material"]))
-            for k in doc["keys"]
-        ]
+        keys = [ReleasedKey.from_json(k) for k in doc["keys"]]
     except (ValueError, KeyError, TypeError):
         raise IntegrityError("the released key bundle is malformed", "check the broker's version") from None
     if not keys or any(k.name != name and k.key_id != name for k in keys):

@@ -46,6 +46,17 @@ class ReleasedKey:
     def __repr__(self) -> str:  # never print key material
         return f"ReleasedKey(name={self.name!r}, key_id={self.key_id!r}, version={self.version})"
 
+    def to_json(self) -> dict[str, Any]:
+        """The key as it travels in a bundle (the broker's sealed answer, the job's pipe)."""
+        material = base64.b64encode(self.material).decode()
+        return {"name": self.name, "key_id": self.key_id, "version": self.version, "material": material}
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any]) -> ReleasedKey:
+        """Inverse of :meth:`to_json`; ``KeyError`` / ``TypeError`` / ``ValueError`` when malformed."""
+        material = base64.b64decode(item["material"], validate=True)
+        return cls(str(item["name"]), str(item["key_id"]), int(item["version"]), material)
+
 
 def encode_bundle(kms: str, keys: list[ReleasedKey], claims: dict[str, Any]) -> bytes:
     """What the runtime writes into the job's pipe."""
@@ -54,15 +65,7 @@ def encode_bundle(kms: str, keys: list[ReleasedKey], claims: dict[str, Any]) -> 
             "version": 1,
             "kms": kms,
             "claims": claims,
-            "keys": [
-                {
-                    "name": k.name,
-                    "key_id": k.key_id,
-                    "version": k.version,
-                    "material": base64.b64encode(k.material).decode(),
-                }
-                for k in keys
-            ],
+            "keys": [k.to_json() for k in keys],
         }
     ).encode()
 
@@ -86,10 +89,7 @@ class Session:
     def from_bundle(cls, data: bytes) -> Session:
         try:
             doc = json.loads(data)
-            keys = [
-                ReleasedKey(k["name"], k["key_id"], int(k["version"]), base64.b64decode(k["material"], validate=True))
-                for k in doc["keys"]
-            ]
+            keys = [ReleasedKey.from_json(k) for k in doc["keys"]]
             return cls(str(doc["kms"]), keys, dict(doc.get("claims", {})))
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
