@@ -165,8 +165,7 @@ class BrokerNonces(StoreCore):
             return self._insert_request_nonce(session, _request_nonce_value(app_id, nonce), _expiry(expires))
 
     def _insert_request_nonce(self, session: Session, value: str, expires_at: datetime) -> bool:
-        row = {"purpose": REQUEST_NONCE_PURPOSE, "value": value, "expires_at": expires_at, "used": True}
-        return insert_ignore(session, NonceRow, **row)
+        return self._burn_nonce(session, IssuedNonce(value, REQUEST_NONCE_PURPOSE, expires_at))
 
     @contextmanager
     def request_scope(self, app_id: str, nonce: str, expires: datetime | int) -> Iterator[None]:

@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
@@ -37,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from enclaveml.attestation.policy import Policy
+from enclaveml.broker._cache import ExpiringCache
 from enclaveml.broker._database import (
     WRITE_OPTION,
     as_utc,
@@ -75,7 +75,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_POLICY_TEXT = 64 * 1024
 _DUMMY_APP = "a-0000000000000000"
 APP_CACHE_TTL_S = 5.0
-_APP_CACHE_MAX = 4096
+_CACHE_MAX = 4096
 
 
 class ReleaseRefused(PolicyError):
@@ -147,9 +147,8 @@ class BrokerStore(BrokerKms, BrokerNonces):
         sqlite = self._engine.dialect.name == "sqlite"
         self._write_lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
         self._request_local = threading.local()
-        self._app_cache: dict[str, tuple[float, App | None, bytes | None]] = {}
-        self._policy_cache: dict[tuple[str, bool], tuple[float, tuple[PolicyRecord, ...]]] = {}
-        self._policy_generation = 0
+        self._app_cache: ExpiringCache[str, tuple[App | None, bytes | None]] = ExpiringCache(_CACHE_MAX)
+        self._policy_cache: ExpiringCache[tuple[str, bool], tuple[PolicyRecord, ...]] = ExpiringCache(_CACHE_MAX)
         # Unknown apps are checked against these, so they cost what a known app costs.
         self._dummy_hash = os.urandom(32)
         self._dummy_sealed = self._root.seal(os.urandom(32), table="apps", row_id=_DUMMY_APP)
@@ -299,7 +298,7 @@ class BrokerStore(BrokerKms, BrokerNonces):
                 self._audit(session, "app.enrolled", actor, app_id, ts, name=name, role=role.value)
         except DatabaseIntegrityError:
             raise ConfigError(f"app {name} is already enrolled", "choose another name") from None
-        self._app_cache.pop(app_id, None)
+        self._app_cache.invalidate(app_id)
         return EnrolledApp(_app(row), api_key)
 
     def disable_app(self, app_id: str, *, actor: str = "system", now: datetime | None = None) -> App:
@@ -311,7 +310,7 @@ class BrokerStore(BrokerKms, BrokerNonces):
             row.disabled = True
             self._audit(session, "app.disabled", actor, app_id, ts, name=row.name)
             app = _app(row)
-        self._app_cache.pop(app_id, None)  # after the commit: a reader cannot cache the old row again
+        self._app_cache.invalidate(app_id)  # after the commit; voids reads that began before it
         return app
 
     def list_apps(self) -> list[App]:
@@ -330,17 +329,16 @@ class BrokerStore(BrokerKms, BrokerNonces):
         so they cost what a known app costs.
         """
         cached = self._app_cache.get(app_id)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1], cached[2]
+        if cached is not None:
+            return cached
+        generation = self._app_cache.generation
         with self._read() as session:
             row = session.get(AppRow, app_id)
             sealed, row_id = (row.sealed_signing_key, app_id) if row is not None else (self._dummy_sealed, _DUMMY_APP)
             key = self._root.open(sealed, table="apps", row_id=row_id)
             app = None if row is None else _app(row)
         key_or_none = key if app is not None and not app.disabled else None
-        if len(self._app_cache) >= _APP_CACHE_MAX:
-            self._app_cache.clear()
-        self._app_cache[app_id] = (time.monotonic() + APP_CACHE_TTL_S, app, key_or_none)
+        self._app_cache.put(app_id, (app, key_or_none), APP_CACHE_TTL_S, generation)
         return app, key_or_none
 
     def hash_api_key(self, app_id: str, api_key: bytes) -> bytes:
@@ -433,10 +431,10 @@ class BrokerStore(BrokerKms, BrokerNonces):
         revoked policy: ``release_key_material`` re-reads the policy in its transaction.
         """
         wanted = (name_or_id, include_revoked)
-        cached = self._policy_cache.get(wanted)
-        if max_age_s > 0 and cached is not None and cached[0] > time.monotonic():
-            return list(cached[1])
-        generation = self._policy_generation
+        cached = self._policy_cache.get(wanted) if max_age_s > 0 else None
+        if cached is not None:
+            return list(cached)
+        generation = self._policy_cache.generation
         with self._read() as session:
             key_id = self._find_key(session, name_or_id).key_id
             query = select(PolicyRow).join(PolicyKeyRow).where(PolicyKeyRow.key_id == key_id)
@@ -444,16 +442,13 @@ class BrokerStore(BrokerKms, BrokerNonces):
                 query = query.where(PolicyRow.revoked.is_(False))
             query = query.order_by(PolicyRow.created, PolicyRow.policy_id)
             found = [_policy(session, row) for row in session.scalars(query)]
-        if max_age_s > 0 and generation == self._policy_generation:  # no change of ours since the read began
-            if len(self._policy_cache) >= _APP_CACHE_MAX:
-                self._policy_cache.clear()
-            self._policy_cache[wanted] = (time.monotonic() + max_age_s, tuple(found))
+        if max_age_s > 0:
+            self._policy_cache.put(wanted, tuple(found), max_age_s, generation)
         return found
 
     def _policies_changed(self) -> None:
         """After a committed policy change: forget cached policy lists."""
-        self._policy_generation += 1
-        self._policy_cache.clear()
+        self._policy_cache.invalidate()
 
     # -- key release --------------------------------------------------------------------
 
