@@ -79,10 +79,6 @@ def self_attestation_route(tee_kind: str, evidence_for: SelfEvidence, tls_cert: 
     return Route(BROKER_EVIDENCE_PATH, answer, methods=["GET"])
 
 
-def _refused(reason: str, what: str, hint: str) -> AttestationError:
-    return AttestationError(reason, what, hint)
-
-
 def verify_broker(
     http: httpx.Client,
     policy: Policy,
@@ -104,7 +100,7 @@ def verify_broker(
     except httpx.HTTPError as exc:
         raise ConfigError(f"cannot reach the key broker: {exc}", "check --broker and --ca") from None
     if response.status_code == 404:
-        raise _refused(
+        raise AttestationError(
             "broker_not_attesting",
             "the key broker does not attest itself",
             "start it with `enclaveml broker serve --attest-self ...`, or drop --verify-broker",
@@ -112,11 +108,13 @@ def verify_broker(
     try:
         evidence = base64.b64decode(response.json()["evidence"], validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error):
-        raise _refused("broker_evidence_malformed", "the key broker's evidence answer is malformed", "") from None
+        raise AttestationError(
+            "broker_evidence_malformed", "the key broker's evidence answer is malformed", ""
+        ) from None
     collateral_now = resolve_collateral(collateral, evidence, now)
     verified = verify_evidence(evidence, now=now, collateral=collateral_now, sim_trusted_keys=sim_trusted_keys)
     if verified.claims.report_data != broker_binding(peer, challenge):
-        raise _refused(
+        raise AttestationError(
             "broker_binding_mismatch",
             "the broker's evidence is not bound to the TLS certificate this connection reached "
             "(or to our challenge): a relay or a different server",
@@ -136,7 +134,7 @@ def _peer_certificate(response: httpx.Response) -> x509.Certificate:
     getpeercert = getattr(ssl_object, "getpeercert", None)
     der = getpeercert(True) if callable(getpeercert) else None
     if not der:
-        raise _refused(
+        raise AttestationError(
             "broker_not_tls",
             "the broker connection has no TLS certificate to bind its evidence to",
             "use an https:// broker URL",

@@ -11,7 +11,7 @@ import hashlib
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 from cryptography.hazmat.primitives import serialization
@@ -22,12 +22,14 @@ from enclaveml.cli.attest_cmds import load_policy_file, trusted_sim_public_key, 
 from enclaveml.errors import AttestationError, ConfigError, PolicyError
 from enclaveml.runtime.run import (
     EXIT_REFUSED,
-    BrokerLike,
     ReleaseOutcome,
     load_or_create_sim_key,
     run_job,
     sim_measurement,
 )
+
+if TYPE_CHECKING:  # imported when used: it brings httpx, which `enclaveml --help` does not need
+    from enclaveml.broker.client import BrokerClient
 
 __all__ = ["run"]
 
@@ -148,10 +150,7 @@ def _sim_tee(app: App, sim_key_file: str | None, command: tuple[str, ...], measu
     return SimulatedTee(key_obj, measurement, b"")
 
 
-def _verify_broker(client: BrokerLike, policy_file: str, sim_keys: tuple[str, ...]) -> None:
-    from enclaveml.broker.client import BrokerClient
-
-    assert isinstance(client, BrokerClient)
+def _verify_broker(client: BrokerClient, policy_file: str, sim_keys: tuple[str, ...]) -> None:
     policy = load_policy_file(policy_file)
     trusted = [trusted_sim_public_key(k) for k in sim_keys] or None
     try:
@@ -166,7 +165,7 @@ def _verify_broker(client: BrokerLike, policy_file: str, sim_keys: tuple[str, ..
     )
 
 
-def _client(app: App, url: str, ca_file: str | None) -> BrokerLike:
+def _client(app: App, url: str, ca_file: str | None) -> BrokerClient:
     app_id = os.environ.get(APP_ID_ENV, "")
     api_key = os.environ.get(API_KEY_ENV, "")
     if not app_id or not api_key:
