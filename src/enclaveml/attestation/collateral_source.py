@@ -17,10 +17,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from enclaveml.attestation.collateral import Collateral
 from enclaveml.attestation.evidence import CollateralRequest, collateral_request
-from enclaveml.attestation.pcs import PcsClient, earliest_next_update
+
+if TYPE_CHECKING:  # pcs brings httpx; whoever builds a PcsCollateralSource has imported it already
+    from enclaveml.attestation.pcs import PcsClient
 
 __all__ = ["CollateralSource", "PcsCollateralSource", "resolve_collateral"]
 
@@ -50,6 +53,8 @@ class PcsCollateralSource:
             cached = self._cached.get(wanted)
             if cached is not None and now < cached[0]:
                 return cached[1]
+        from enclaveml.attestation.pcs import earliest_next_update
+
         fetched = self._client.fetch_collateral(wanted.fmspc, tee=wanted.tee, pck_ca=wanted.pck_ca, now=now)
         collateral = Collateral.from_dict(fetched)
         with self._lock:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -34,10 +35,12 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from enclaveml.broker.client import BrokerClient
 from enclaveml.errors import ConfigError
 from enclaveml.kms import LocalKms
-from enclaveml.kms.broker import BrokerKms
+
+if TYPE_CHECKING:  # imported where used: they bring httpx, which most commands do not need
+    from enclaveml.broker.client import BrokerClient
+    from enclaveml.kms.broker import BrokerKms
 
 __all__ = ["App", "err_console", "out_console", "parse_context", "pass_app", "progress_bar"]
 
@@ -106,6 +109,8 @@ class App:
 
     def broker_client(self, url: str | None = None, *, credentials: tuple[str, str] | None = None) -> BrokerClient:
         """A signed-request client with ``credentials`` or those of ``ENCLAVEML_APP_ID`` / ``ENCLAVEML_API_KEY``."""
+        from enclaveml.broker.client import BrokerClient
+
         app_id, api_key = credentials or self._broker_credentials()
         return BrokerClient(self.broker_url(url), app_id, api_key, ca=self.broker_ca(), client_cert=self.client_cert())
 
@@ -124,6 +129,8 @@ class App:
         if backend not in KMS_BACKENDS:
             raise ConfigError(f"unknown KMS backend {backend!r}", "use local or broker (ENCLAVEML_KMS)")
         if backend == "broker":
+            from enclaveml.kms.broker import BrokerKms
+
             app_id, api_key = self._broker_credentials()
             return BrokerKms(self.broker_url(), app_id, api_key, ca=self.broker_ca(), client_cert=self.client_cert())
         if not self.store_path.exists():

@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from enclaveml._atomic import atomic_output
 from enclaveml.attestation.collateral import Collateral, load_collateral
+from enclaveml.attestation.collateral_source import CollateralSource, PcsCollateralSource, resolve_collateral
 from enclaveml.attestation.evidence import (
     DEFAULT_SIM_MAX_AGE_S,
     VerifiedEvidence,
-    collateral_request,
     inspect_evidence,
     refusal_without_policy,
     verify_evidence,
@@ -35,7 +35,7 @@ from enclaveml.attestation.sim import SimulationKey, create_sim_evidence, load_s
 from enclaveml.cli._app import err_console, instant_option, out_console
 from enclaveml.errors import AttestationError, ConfigError, EvidenceParseError, PolicyError
 
-__all__ = ["attest", "load_policy_file", "trusted_sim_public_key", "warn"]
+__all__ = ["attest", "collateral_source", "load_policy_file", "trusted_sim_public_key", "warn"]
 
 _MALFORMED_HINT = "expected a DCAP quote, simulated evidence or an RA-TLS certificate; is the file complete?"
 
@@ -254,22 +254,27 @@ def trusted_sim_public_key(path: str) -> Ed25519PublicKey:
         raise ConfigError(f"{path}: {exc.what}", hint) from None
 
 
-def _collateral_for(
-    data: bytes, path: str | None, pccs: str | None, ca: str | None, cache: str | None, now: datetime
-) -> Collateral | None:
+def collateral_source(path: str | None, pccs: str | None, ca: str | None, cache: str | None) -> CollateralSource:
+    """``--collateral FILE|DIR`` (offline) or ``--pccs URL`` (per quote, cached) as a collateral source."""
     if path is not None:
         return load_collateral(path)
     if pccs is None:
         return None
-    wanted = collateral_request(data)
-    if wanted is None:
-        return None
     from enclaveml.attestation.pcs import PcsClient  # imports httpx: only when a PCCS is used
 
     verify_tls: bool | str = ca if ca is not None else True
-    with PcsClient(pccs, cache_dir=Path(cache) if cache else None, verify=verify_tls) as client:
-        fetched = client.fetch_collateral(wanted.fmspc, tee=wanted.tee, pck_ca=wanted.pck_ca, now=now)
-    return Collateral.from_dict(fetched)
+    return PcsCollateralSource(PcsClient(pccs, cache_dir=Path(cache) if cache else None, verify=verify_tls))
+
+
+def _collateral_for(
+    data: bytes, path: str | None, pccs: str | None, ca: str | None, cache: str | None, now: datetime
+) -> Collateral | None:
+    source = collateral_source(path, pccs, ca, cache)
+    try:
+        return resolve_collateral(source, data, now)
+    finally:
+        if isinstance(source, PcsCollateralSource):
+            source.close()
 
 
 def _document(

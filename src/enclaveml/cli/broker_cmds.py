@@ -12,23 +12,24 @@ import base64
 import json
 import os
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
-from enclaveml.attestation.collateral import load_collateral
-from enclaveml.attestation.collateral_source import CollateralSource
 from enclaveml.attestation.tee import SimulatedTee, Tee, TeeKind, detect_tee
-from enclaveml.broker.audit import verify_audit_chain
 from enclaveml.broker.root_key import create_root_key_file, read_root_key_file
 from enclaveml.broker.secret_prov import DEFAULT_PORT
-from enclaveml.broker.server import BrokerServer, make_self_signed
-from enclaveml.broker.store import BrokerStore
 from enclaveml.cli._app import App, err_console, out_console, pass_app
-from enclaveml.cli.attest_cmds import trusted_sim_public_key, warn
+from enclaveml.cli.attest_cmds import collateral_source, trusted_sim_public_key, warn
 from enclaveml.errors import ConfigError, IntegrityError
 from enclaveml.kms import SCRYPT_DEFAULT, ScryptParams
 from enclaveml.runtime.run import broker_sim_measurement, load_or_create_sim_key
+
+if TYPE_CHECKING:
+    from enclaveml.broker.store import BrokerStore
+
+# The store, server and audit modules (SQLAlchemy, Alembic, uvicorn) are imported by the
+# commands that use them, not when `enclaveml` starts.
 
 __all__ = ["broker"]
 
@@ -43,6 +44,8 @@ def _default_db(app: App) -> str:
 def _open_store(
     app: App, db: str | None, root_key_file: str | None, *, create: bool = False, log_n: int = 17
 ) -> BrokerStore:
+    from enclaveml.broker.store import BrokerStore
+
     url = db or _default_db(app)
     if url == _default_db(app):
         app.broker_home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -179,6 +182,8 @@ def serve(
       enclaveml broker serve --root-key-file root.key --self-signed --secret-prov-port 4433 --secret-prov-key model
       enclaveml broker serve --root-key-file root.key --self-signed --client-ca clients-ca.pem --attest-self sim
     """
+    from enclaveml.broker.server import BrokerServer, make_self_signed
+
     if collateral and pccs:
         raise click.UsageError("give --collateral or --pccs, not both")
     if self_sim_key and attest_self != "sim":
@@ -194,7 +199,7 @@ def serve(
     if tls_cert is None:
         raise ConfigError("the broker serves TLS only", "give --tls-cert and --tls-key, or --self-signed")
     sim_keys = [trusted_sim_public_key(k) for k in trusted_sim_key]
-    source = _collateral_source(collateral, pccs, pccs_ca, collateral_cache)
+    source = collateral_source(collateral, pccs, pccs_ca, collateral_cache)
     self_tee = _self_tee(app, attest_self, self_sim_key) if attest_self else None
     with _open_store(app, db, root_key_file) as store:
         server = BrokerServer(
@@ -214,18 +219,6 @@ def serve(
         mtls = f"; clients need certificates from {client_ca}" if client_ca else ""
         err_console.print(f"key broker on https://{host}:{port} (store {store.url}); CA {tls_cert}{mtls}", markup=False)
         server.serve_forever()
-
-
-def _collateral_source(path: str | None, pccs: str | None, pccs_ca: str | None, cache: str | None) -> CollateralSource:
-    if path is not None:
-        return load_collateral(path)
-    if pccs is None:
-        return None
-    from enclaveml.attestation.collateral_source import PcsCollateralSource
-    from enclaveml.attestation.pcs import PcsClient
-
-    verify: bool | str = pccs_ca if pccs_ca is not None else True
-    return PcsCollateralSource(PcsClient(pccs, cache_dir=Path(cache) if cache else None, verify=verify))
 
 
 def _self_tee(app: App, kind: str, sim_key: str | None) -> Tee:
@@ -295,6 +288,8 @@ def audit_verify(app: App, db: str | None, root_key_file: str | None) -> None:
     Example:
       enclaveml broker audit verify --db sqlite:///var/lib/enclaveml/broker.db --root-key-file root.key
     """
+    from enclaveml.broker.audit import verify_audit_chain
+
     with _open_store(app, db, root_key_file) as store:
         report = verify_audit_chain(store)
     if not report.ok:
