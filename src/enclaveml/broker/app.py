@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,9 +36,10 @@ from enclaveml.attestation.collateral_source import CollateralSource
 from enclaveml.broker._http import BrokerContext, error_response
 from enclaveml.broker.routes_kms import kms_routes
 from enclaveml.broker.routes_release import release_routes
+from enclaveml.broker.self_attestation import BROKER_EVIDENCE_PATH, CHALLENGE_SIZE, SelfEvidence, broker_binding
 from enclaveml.broker.store import BrokerStore
 
-__all__ = ["OPENAPI_ROUTES", "create_app", "jwks_for", "openapi_document"]
+__all__ = ["OPENAPI_ROUTES", "create_app", "jwks_for", "openapi_document", "self_attestation_route"]
 
 # (method, path, role, summary): the OpenAPI document is written from this table.
 OPENAPI_ROUTES: tuple[tuple[str, str, str | None, str], ...] = (
@@ -120,6 +122,22 @@ def _key_id(key: ec.EllipticCurvePrivateKey) -> str:
 def jwks_for(key: ec.EllipticCurvePrivateKey, key_id: str) -> dict[str, Any]:
     jwk = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
     return {"keys": [{**jwk, "kid": key_id, "alg": "ES256", "use": "sig"}]}
+
+
+def self_attestation_route(tee_kind: str, evidence_for: SelfEvidence, tls_cert: x509.Certificate) -> Route:
+    """``GET /v1/broker/evidence``: the broker's own evidence for the caller's challenge (bi-attestation)."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            challenge = bytes.fromhex(request.query_params.get("challenge", ""))
+        except ValueError:
+            challenge = b""
+        if len(challenge) != CHALLENGE_SIZE:
+            return error_response(400, "malformed_request", "challenge must be 64 hex digits")
+        evidence = evidence_for(broker_binding(tls_cert, challenge))
+        return JSONResponse({"evidence": base64.b64encode(evidence).decode(), "tee": tee_kind})
+
+    return Route(BROKER_EVIDENCE_PATH, answer, methods=["GET"])
 
 
 def create_app(

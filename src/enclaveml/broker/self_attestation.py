@@ -1,7 +1,8 @@
 """Bi-attestation: the broker proves what it runs before a workload sends it anything.
 
 BigDL PPML's "bi-attestation" has the KMS attest itself to the workload too. Here a broker
-started with a TEE of its own (``broker serve --attest-self``) answers::
+started with a TEE of its own (``broker serve --attest-self``) answers (the route:
+``app.self_attestation_route``)::
 
     GET /v1/broker/evidence?challenge=<64 hex>   (no credentials: it reveals nothing secret)
     -> {"evidence": base64, "tee": "sgx" | "tdx" | "snp" | "sim"}
@@ -32,20 +33,17 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from enclaveml.attestation.collateral_source import CollateralSource, resolve_collateral
 from enclaveml.attestation.evidence import VerifiedEvidence, verify_evidence
 from enclaveml.attestation.policy import Policy, PolicyViolation
 from enclaveml.errors import AttestationError, ConfigError
 
-__all__ = ["BROKER_EVIDENCE_PATH", "SelfEvidence", "broker_binding", "self_attestation_route", "verify_broker"]
+__all__ = ["BROKER_EVIDENCE_PATH", "CHALLENGE_SIZE", "SelfEvidence", "broker_binding", "verify_broker"]
 
 BROKER_EVIDENCE_PATH = "/v1/broker/evidence"
 BROKER_LABEL = b"enclaveml broker attestation v1"
-_CHALLENGE_SIZE = 32
+CHALLENGE_SIZE = 32
 
 SelfEvidence = Callable[[bytes], bytes]  # report data (64 bytes) -> evidence from the broker's TEE
 
@@ -57,26 +55,9 @@ def _spki_sha256(cert: x509.Certificate) -> bytes:
 
 def broker_binding(cert: x509.Certificate, challenge: bytes) -> bytes:
     """The 64-byte report data binding the broker's evidence to its TLS key and ``challenge``."""
-    if len(challenge) != _CHALLENGE_SIZE:
+    if len(challenge) != CHALLENGE_SIZE:
         raise ValueError("the broker attestation challenge is 32 bytes")
     return hashlib.sha256(BROKER_LABEL + b"\x00" + _spki_sha256(cert) + challenge).digest() + bytes(32)
-
-
-def self_attestation_route(tee_kind: str, evidence_for: SelfEvidence, tls_cert: x509.Certificate) -> Route:
-    """``GET /v1/broker/evidence``: the broker's evidence for the caller's challenge."""
-
-    async def answer(request: Request) -> Response:
-        try:
-            challenge = bytes.fromhex(request.query_params.get("challenge", ""))
-        except ValueError:
-            challenge = b""
-        if len(challenge) != _CHALLENGE_SIZE:
-            body = {"error": "malformed_request", "message": "challenge must be 64 hex digits", "hint": ""}
-            return JSONResponse(body, status_code=400)
-        evidence = evidence_for(broker_binding(tls_cert, challenge))
-        return JSONResponse({"evidence": base64.b64encode(evidence).decode(), "tee": tee_kind})
-
-    return Route(BROKER_EVIDENCE_PATH, answer, methods=["GET"])
 
 
 def verify_broker(
@@ -92,7 +73,7 @@ def verify_broker(
     Raises ``AttestationError`` (``broker_not_attesting``, ``broker_binding_mismatch``, or the
     verifier's reason) or ``PolicyViolation``; returns the verified evidence otherwise.
     """
-    challenge = os.urandom(_CHALLENGE_SIZE)
+    challenge = os.urandom(CHALLENGE_SIZE)
     try:
         with http.stream("GET", BROKER_EVIDENCE_PATH, params={"challenge": challenge.hex()}) as response:
             peer = _peer_certificate(response)  # while the connection is ours, before it returns to the pool

@@ -44,9 +44,8 @@ from enclaveml.attestation.evidence import verify_evidence
 from enclaveml.attestation.policy import Policy
 from enclaveml.attestation.ratls import Evidence
 from enclaveml.attestation.tee import Tee
-from enclaveml.broker.app import create_app
+from enclaveml.broker.app import create_app, self_attestation_route
 from enclaveml.broker.secret_prov import DEFAULT_PORT, SecretProvisioningServer
-from enclaveml.broker.self_attestation import self_attestation_route
 from enclaveml.broker.store import BrokerStore
 from enclaveml.errors import ConfigError, PolicyError
 
