@@ -10,11 +10,21 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
-	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev,analytics,spark,ml]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev,analytics,spark,ml,serving]'
 	$(BIN)/python scripts/build_java.py
 	touch $(STAMP)
 
-install: $(STAMP)
+# The unchanged TF Serving client (tensorflow-serving-api pulls in all of TensorFlow) lives in its
+# own venv so TensorFlow never shadows the protos the server imports; only the interop test uses it.
+TFCLIENT := $(VENV)/tfclient
+TFSTAMP := $(TFCLIENT)/.installed
+
+$(TFSTAMP): $(STAMP) requirements-tfclient.lock
+	test -x $(TFCLIENT)/bin/python || $(PYTHON) -m venv $(TFCLIENT)
+	$(BIN)/uv pip install -q --python $(TFCLIENT)/bin/python -r requirements-tfclient.lock
+	touch $(TFSTAMP)
+
+install: $(STAMP) $(TFSTAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
@@ -24,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts examples
 	$(BIN)/mypy
 
-test: lint
+test: lint $(TFSTAMP)
 	$(BIN)/pytest -n 2
 
 bench: $(STAMP)
@@ -40,7 +50,8 @@ vectors: $(STAMP)
 # Re-pin after changing dependencies in pyproject.toml (never run implicitly: a fresh clone installs the lock).
 lock:
 	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv==$(UV_VERSION); }
-	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev --extra analytics --extra spark --extra ml pyproject.toml -o requirements.lock
+	echo "tensorflow-serving-api==2.21.0" | $(BIN)/uv pip compile -q --python-version 3.11 - -o requirements-tfclient.lock
+	$(BIN)/uv pip compile -q --python-version 3.11 --extra dev --extra analytics --extra spark --extra ml --extra serving pyproject.toml -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist src/enclaveml/analytics/jars
