@@ -13,12 +13,14 @@ from enclaveml._version import __version__
 from enclaveml.cli._app import App, err_console
 from enclaveml.cli.attest_cmds import attest
 from enclaveml.cli.broker_cmds import broker
+from enclaveml.cli.certs_cmds import certs
 from enclaveml.cli.convert_cmds import convert
 from enclaveml.cli.datagen_cmds import datagen
 from enclaveml.cli.doctor_cmds import doctor
 from enclaveml.cli.enclave_cmds import enclave
 from enclaveml.cli.file_cmds import decrypt, encrypt, inspect, rewrap
 from enclaveml.cli.kms_cmds import kms
+from enclaveml.cli.model_cmds import model
 from enclaveml.cli.policy_cmds import policy
 from enclaveml.cli.run_cmds import run
 from enclaveml.cli.secret_prov_cmds import secret_prov
@@ -70,6 +72,8 @@ cli.add_command(broker)
 cli.add_command(run)
 cli.add_command(submit)
 cli.add_command(tpch)
+cli.add_command(certs)
+cli.add_command(model)
 
 
 def _fail(message: str, code: int) -> int:
