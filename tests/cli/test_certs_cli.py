@@ -16,13 +16,7 @@ from enclaveml.cli.certs_cmds import certs
 from enclaveml.errors import ConfigError
 from enclaveml.serving.tls import ServerTls, channel_credentials, grpc_server_credentials
 
-# Until `certs` is registered in main.py, run it under the real root command and error mapping.
-ENCLAVEML = [
-    sys.executable,
-    "-c",
-    "import sys; from enclaveml.cli.main import cli, main; from enclaveml.cli.certs_cmds import certs; "
-    "cli.add_command(certs); sys.exit(main(sys.argv[1:]))",
-]
+ENCLAVEML = [str(Path(sys.executable).with_name("enclaveml"))]
 
 
 def invoke(*args: str) -> str:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from enclaveml.cli.main import cli, main
-from enclaveml.cli.model_cmds import model
+from enclaveml.cli.main import main
 from enclaveml.crypto.gramine_pf import KEY_SIZE, pf_version, read_pf_file
 from enclaveml.kms import SCRYPT_FAST_FOR_TESTS, LocalKms
 
@@ -27,10 +26,7 @@ PASSPHRASE = "model cli test passphrase"
 VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "gramine_pf"
 BIG_PATH = "models/resnet50-v15-fp32/1/saved_model.pb"
 BIG_SHA256 = "2fd0c31c7630358876e966b8bdc21802612f62083eea19ff9b2090bcc66a9f90"
-LAUNCHER = (
-    "import sys; import enclaveml.cli.main as m; from enclaveml.cli.model_cmds import model; "
-    "m.cli.add_command(model); sys.exit(m.main(sys.argv[1:]))"
-)
+ENCLAVEML = str(Path(sys.executable).with_name("enclaveml"))
 
 
 def tiny_onnx() -> bytes:
@@ -52,7 +48,6 @@ def tiny_onnx() -> bytes:
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setitem(cli.commands, "model", model)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ENCLAVEML_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ENCLAVEML_PASSPHRASE", PASSPHRASE)
@@ -274,9 +269,7 @@ def test_options_of_the_other_format_are_refused(workdir: Path, capsys: pytest.C
 
 def test_the_commands_in_a_real_process(workdir: Path) -> None:
     def enclaveml(*args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True, check=False, cwd=workdir
-        )
+        done = subprocess.run([ENCLAVEML, *args], capture_output=True, text=True, check=False, cwd=workdir)
         assert done.returncode == expect, done.stderr
         return done
 
