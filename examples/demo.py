@@ -5,13 +5,17 @@ check -> rotate -> rewrap -> decrypt again -> a tampered copy rejected (exit 4, 
 Key broker: init -> (broker served in this process) -> enroll -> broker key -> encrypt with
 it -> policy register -> `enclaveml run --verify-broker` of the attested SimpleQuery job
 (encrypted answer, decrypted by the owner) -> a modified job refused (exit 3) -> audit
-verify. Everything happens in ./demo-out; no server to start.
+verify. Model serving: a model encrypted under a broker key -> `enclaveml serve` in sim mode,
+whose key comes by attested release -> TLS requests (gRPC load client, KServe REST) -> the
+prediction printed. Everything happens in ./demo-out; no server to start by hand.
 """
 
 from __future__ import annotations
 
 import filecmp
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,8 +137,68 @@ def broker_demo() -> None:
         assert refused.stderr.count("Attestation failed: ") == 1
         assert "and now send the data elsewhere" not in refused.stdout
         print("  modified job refused with exit 3 before it started; the broker released nothing")
+        serving_demo(server.url, cert, as_owner, _env_with(ENCLAVEML_APP_ID=workload[0], ENCLAVEML_API_KEY=workload[1]))
     run("broker", "audit", "verify", "--db", db, "--root-key-file", "broker-root.key")
     print(f"broker demo finished in {time.perf_counter() - began:.1f} s")
+
+
+def serving_demo(broker_url: str, broker_ca: Path, as_owner: dict[str, str], as_workload: dict[str, str]) -> None:
+    """Model serving through the real CLI: `model encrypt --kms broker`, `certs oneway`, a policy
+    for the server's measurement, `enclaveml serve` (sim TEE) that attests to the broker for the
+    model key, then `serve-client` over TLS and one KServe v2 REST request whose answer is printed."""
+    import httpx
+
+    from enclaveml.serving.sample_models import sklearn_classifier_onnx
+
+    began = time.perf_counter()
+    print("\n== model serving: encrypted model, attested key release, TLS ==", flush=True)
+    (OUT / "iris.onnx").write_bytes(sklearn_classifier_onnx())  # the owner's model, on the owner's machine
+    print("  iris.onnx: a 3-class scikit-learn classifier exported to ONNX (4 float features)")
+    run("kms", "--backend", "broker", "create-key", "models", env=as_owner)
+    run("model", "encrypt", "iris.onnx", "-o", "models/iris/1/model.onnx.eml", "--key", "models", "--kms", "broker",
+        env=as_owner)  # fmt: skip
+    run("certs", "oneway", "--cn", "localhost", "-o", "certs")
+    measurement = run("serve", "--tee", "sim", "--print-measurement").stdout.strip()
+    policy = f'name = "iris-server"\ntee = ["sim"]\nallow_simulation = true\nmr_enclave = ["{measurement}"]\n'
+    (OUT / "serve-policy.toml").write_text(policy)
+    run("policy", "register", "serve-policy.toml", "--key", "models", env=as_owner)
+
+    args = ["serve", "--model", "iris=models/iris", "--grpc-port", "0", "--rest-port", "0",
+            "--tls-cert", "certs/server.crt", "--tls-key", "certs/server.key",
+            "--keys-from", f"broker={broker_url}", "--key", "models", "--ca", str(broker_ca),
+            "--tee", "sim"]  # fmt: skip
+    print(f"$ enclaveml {' '.join(args)} &", flush=True)
+    server = subprocess.Popen([*CLI, *args], cwd=OUT, env=as_workload, stderr=subprocess.PIPE, text=True)
+    try:
+        ports: tuple[str, str] | None = None
+        assert server.stderr is not None
+        for line in server.stderr:  # bounded: the server prints a few lines, then the model line or exits
+            print(f"  {line.rstrip()}", flush=True)
+            found = re.search(r"gRPC [\d.]+:(\d+), REST https://[\d.]+:(\d+)", line)
+            ports = (found.group(1), found.group(2)) if found else ports
+            if "available" in line or "not available" in line or "error" in line.lower():
+                break
+        if ports is None or server.poll() is not None:
+            sys.exit("demo failed: the model server did not start")
+        grpc_port, rest_port = ports
+        ca = str(OUT / "certs" / "ca.crt")
+        ready = httpx.get(f"https://127.0.0.1:{rest_port}/v2/health/ready", verify=ca, timeout=10)
+        if ready.status_code != 200:
+            sys.exit(f"demo failed: the model server is not ready: {ready.text}")
+        run("serve-client", "--url", f"127.0.0.1:{grpc_port}", "--model", "iris", "-batch", "1", "-cnum", "2",
+            "-loop", "50", "-ca", "certs/ca.crt")  # fmt: skip
+        rows = [[5.1, 3.5, 1.4, 0.2], [-1.0, 0.5, -0.3, 2.0]]
+        body = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": rows}]}
+        infer = f"https://127.0.0.1:{rest_port}/v2/models/iris/infer"
+        print(f"$ curl --cacert certs/ca.crt {infer} -d '{json.dumps(body)}'")
+        answer = httpx.post(infer, json=body, verify=ca, timeout=10)
+        answer.raise_for_status()
+        for output in answer.json()["outputs"]:
+            print(f"  {output['name']}: {output['data']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"serving demo finished in {time.perf_counter() - began:.1f} s")
 
 
 def _credentials(stdout: str) -> tuple[str, str]:

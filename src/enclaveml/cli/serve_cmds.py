@@ -62,14 +62,20 @@ class _AttestedSpec:
 
 def _make_tee(spec: _TeeSpec) -> Tee:
     from enclaveml.attestation.tee import SimulatedTee, TeeKind, detect_tee
-    from enclaveml.runtime.run import load_or_create_sim_key, sim_measurement
+    from enclaveml.runtime.run import load_or_create_sim_key
 
     if spec.kind != "sim":
         return detect_tee(want=cast(TeeKind, spec.kind))
     key, _created = load_or_create_sim_key(Path(spec.sim_key))
-    package = Path(__file__).resolve().parent.parent  # the installed enclaveml: a changed server measures differently
-    measurement = sim_measurement(["enclaveml", "serve"], measure=[package], root=package.parent)
-    return SimulatedTee(key, measurement, b"")
+    return SimulatedTee(key, _sim_measurement(), b"")
+
+
+def _sim_measurement() -> bytes:
+    """The simulated MR_ENCLAVE of ``enclaveml serve``: the installed package, so a changed server measures differently."""
+    from enclaveml.runtime.run import sim_measurement
+
+    package = Path(__file__).resolve().parent.parent
+    return sim_measurement(["enclaveml", "serve"], measure=[package], root=package.parent)
 
 
 def _attested_source(spec: _AttestedSpec) -> KeySource:
@@ -178,7 +184,7 @@ def _log_to_stderr() -> None:
 
 
 @click.command("serve")
-@click.option("--model", "model_specs", multiple=True, required=True, metavar="NAME=PATH",
+@click.option("--model", "model_specs", multiple=True, metavar="NAME=PATH",
               help="A model and its root (numbered version directories); repeatable.")  # fmt: skip
 @click.option("--grpc-port", default=8500, show_default=True, type=click.IntRange(0, 65535),
               help="gRPC port: TF Serving PredictionService / ModelService and KServe v2 (0 = any free).")  # fmt: skip
@@ -212,6 +218,8 @@ def _log_to_stderr() -> None:
               help="Server processes sharing the ports (SO_REUSEPORT), each loading the models.")  # fmt: skip
 @click.option("--poll-seconds", type=click.FloatRange(min=0, min_open=True), metavar="S",
               help="Look for new model versions this often (hot reload).")  # fmt: skip
+@click.option("--print-measurement", is_flag=True,
+              help="With --tee sim: print this server's simulated MR_ENCLAVE (for a policy) and exit.")  # fmt: skip
 @kms_backend_option("--kms")
 @pass_app
 def serve(
@@ -236,6 +244,7 @@ def serve(
     max_request_bytes: int,
     workers: int,
     poll_seconds: float | None,
+    print_measurement: bool,
 ) -> None:
     """Serve encrypted models over gRPC and REST until SIGINT / SIGTERM.
 
@@ -250,8 +259,17 @@ def serve(
       enclaveml serve --model resnet50=models/resnet50 --ssl-config-file ssl.cfg --workers 2
       enclaveml serve --model iris=models/iris --keys-from broker=https://broker:8443 --key models \\
           --tee sim --ra-tls --enable-batching
+      enclaveml serve --tee sim --print-measurement      # the mr_enclave for the policy
     """
     from enclaveml.serving.server import ModelServer, ServeConfig
+
+    if print_measurement:
+        if tee != "sim":
+            raise ConfigError("--print-measurement is for --tee sim", "on hardware, use the enclave's signed measurement")
+        click.echo(_sim_measurement().hex())
+        return
+    if not model_specs:
+        raise ConfigError("no models to serve", "give --model NAME=PATH")
 
     tls = _server_tls(tls_cert, tls_key, client_ca, ssl_config_file, ra_tls)
     tee_spec = _TeeSpec(tee, sim_key or str(app.home / SIM_KEY_FILE))
