@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_broker.py
 	$(BIN)/python benchmarks/bench_analytics.py
 	$(BIN)/python benchmarks/bench_tpch.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 vectors: $(STAMP)
 	$(BIN)/python scripts/make_eml_vectors.py

@@ -24,6 +24,7 @@ from enclaveml.cli.model_cmds import model
 from enclaveml.cli.policy_cmds import policy
 from enclaveml.cli.run_cmds import run
 from enclaveml.cli.secret_prov_cmds import secret_prov
+from enclaveml.cli.serve_client_cmds import serve_client
 from enclaveml.cli.serve_cmds import serve
 from enclaveml.cli.submit_cmds import submit
 from enclaveml.cli.tpch_cmds import tpch
@@ -76,6 +77,7 @@ cli.add_command(tpch)
 cli.add_command(certs)
 cli.add_command(model)
 cli.add_command(serve)
+cli.add_command(serve_client)
 
 
 def _fail(message: str, code: int) -> int:
