@@ -73,7 +73,7 @@ def test_the_session_runs_with_authentication_encryption_and_no_ui(sctx: Trusted
 
 
 def test_the_keys_property_is_redacted_and_never_in_spark_conf(sctx: TrustedContext, kms: LocalKms) -> None:
-    material = base64.b64encode(kms._load().keys[0].versions[0].material or b"").decode()
+    material = base64.b64encode(kms.export_secret_keys_for_trusted_runtime()[0].material).decode()
     jvm = sctx.spark.sparkContext._jvm
     assert jvm is not None
 
@@ -227,3 +227,20 @@ def test_a_kms_that_never_hands_out_keys_is_refused_before_spark_starts(kms: Loc
 
     with pytest.raises(ConfigError, match="cannot use a RemoteKms"):
         TrustedContext(engine="spark", kms=RemoteKms())  # type: ignore[arg-type]
+
+
+def test_spark_gets_exactly_the_released_key_versions(kms: LocalKms) -> None:
+    from enclaveml.analytics.spark_keys import exported_keks
+
+    keys = [ReleasedKey("customers", "k-00000000000000aa", v, bytes([v]) * 32) for v in (1, 3)]
+    session = Session("broker", keys, {})
+
+    name, keks = exported_keks(session)
+
+    assert name == "broker"
+    assert [(k.name, k.key_id, k.version, k.material) for k in keks] == [
+        (k.name, k.key_id, k.version, k.material) for k in session.export_secret_keys_for_trusted_runtime()
+    ]
+    assert [k.version for k in keks] == [1, 3]
+    assert not [k for k in keks if k.material.hex() in repr(k)]
+    assert [k.version for k in exported_keks(kms)[1]] == [1]

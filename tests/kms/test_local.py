@@ -277,6 +277,38 @@ def test_primary_is_the_highest_enabled_version(kms: LocalKms) -> None:
     assert kms.rotate_key("training-data").primary_version == 4  # numbers are never reused
 
 
+def test_the_runtime_export_holds_every_enabled_version_and_hides_it_in_repr(kms: LocalKms, store: Path) -> None:
+    other = kms.create_key("other")
+    kms.rotate_key("training-data")
+    kms.rotate_key("training-data")
+    kms.destroy_key_version("training-data", 2)
+    training = kms.describe_key("training-data")
+
+    exported = kms.export_secret_keys_for_trusted_runtime()
+
+    sealed = {
+        (k["key_id"], v["version"]): base64.b64decode(v["material"])
+        for k in unseal_independently(store)["keys"]
+        for v in k["versions"]
+        if v["material"] is not None
+    }
+    assert [(k.name, k.key_id, k.version) for k in exported] == [
+        ("training-data", training.key_id, 1),
+        ("training-data", training.key_id, 3),
+        ("other", other.key_id, 1),
+    ]
+    assert {(k.key_id, k.version): k.material for k in exported} == sealed
+    assert not [k for k in exported if k.material.hex() in repr(k) or base64.b64encode(k.material).decode() in repr(k)]
+
+
+def test_the_runtime_export_verifies_the_store_first(kms: LocalKms, store: Path) -> None:
+    doc = read_doc(store)
+    write_doc(store, doc | {"sealed": doc["sealed"][:-8] + "AAAAAAA="})
+
+    with pytest.raises(KeyStoreCorrupted):
+        kms.export_secret_keys_for_trusted_runtime()
+
+
 # -- chapter 4: wrapped keys presented in the wrong place ----------------------------------
 
 

@@ -18,9 +18,11 @@ Its name contains ``secret``, which Spark's default ``spark.redaction.regex``
 ``SET`` output. Only keys the KMS object would itself unwrap with are exported: all enabled
 versions of a ``LocalKms``, exactly the released versions of a ``Session``.
 
-``KeyManagementService`` has no method that returns key material (on purpose), so this
-module reads it from the two in-process backends that hold it. A remote KMS (``BrokerKms``)
-never hands material out: use ``enclaveml.session()`` inside ``enclaveml run`` instead.
+``KeyManagementService`` has no method that returns key material (on purpose). The two
+in-process backends that hold it, ``LocalKms`` and ``Session``, each have one explicitly
+named method for this one use, ``export_secret_keys_for_trusted_runtime()``. A remote KMS
+(``BrokerKms``) never hands material out: use ``enclaveml.session()`` inside ``enclaveml
+run`` instead.
 """
 
 from __future__ import annotations
@@ -54,17 +56,8 @@ def exported_keks(kms: KeyWrapper) -> tuple[str, list[Kek]]:
     from enclaveml.kms import LocalKms
     from enclaveml.runtime.session import Session
 
-    if isinstance(kms, Session):
-        keys = [Kek(k.name, k.key_id, k.version, k.material) for k in kms._keys.values()]
-        return kms.kms_name, keys
-    if isinstance(kms, LocalKms):
-        store = kms._load()  # verifies the store's seal, as every LocalKms call does
-        keys = [
-            Kek(key.name, key.key_id, version.version, version.material)
-            for key in store.keys
-            for version in key.versions
-            if version.material is not None
-        ]
+    if isinstance(kms, (Session, LocalKms)):  # a LocalKms verifies its store's seal here, as on every call
+        keys = [Kek(k.name, k.key_id, k.version, k.material) for k in kms.export_secret_keys_for_trusted_runtime()]
         return kms.kms_name, keys
     raise ConfigError(
         f"the Spark engine cannot use a {type(kms).__name__}: parquet-mr needs the keys inside the JVM",

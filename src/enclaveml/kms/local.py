@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ from enclaveml.crypto._keywrap import unwrap_key, wrap_key
 from enclaveml.errors import AuthError, ConfigError, KeyNotFound, KeyServiceError, KeyStoreCorrupted
 from enclaveml.kms._protocol import KeyInfo, KeyVersionInfo, WrappedKey
 
-__all__ = ["SCRYPT_DEFAULT", "SCRYPT_FAST_FOR_TESTS", "LocalKms", "ScryptParams"]
+__all__ = ["SCRYPT_DEFAULT", "SCRYPT_FAST_FOR_TESTS", "LocalKms", "ScryptParams", "SecretKeyVersion"]
 
 _FORMAT = "enclaveml-keystore"
 _VERSION = 1
@@ -86,6 +86,16 @@ class ScryptParams:
 
 SCRYPT_DEFAULT = ScryptParams(log_n=17, r=8, p=1)
 SCRYPT_FAST_FOR_TESTS = ScryptParams(log_n=12, r=8, p=1)
+
+
+@dataclass(frozen=True)
+class SecretKeyVersion:
+    """One version of a primary key **with its secret material** (``repr`` never shows the material)."""
+
+    name: str
+    key_id: str
+    version: int
+    material: bytes = field(repr=False)
 
 
 @dataclass
@@ -326,6 +336,22 @@ class LocalKms:
                 target.state, target.material = "destroyed", None
                 self._save(store)
         return key.info()
+
+    def export_secret_keys_for_trusted_runtime(self) -> list[SecretKeyVersion]:
+        """Every enabled version of every primary key, **with its secret material**.
+
+        Only for handing primary keys (KEKs) to an engine that runs in this process's trust
+        domain and cannot call back into Python: the Spark JVM's parquet-mr ``KmsClient``
+        (``enclaveml.analytics.spark_keys``). The material must stay in memory: never log,
+        print or persist it. Destroyed versions have no material and are not returned. The
+        store's seal is verified first, as on every call.
+        """
+        return [
+            SecretKeyVersion(key.name, key.key_id, version.version, version.material)
+            for key in self._load().keys
+            for version in key.versions
+            if version.material is not None
+        ]
 
     def _find(self, store: _Store, name_or_id: str) -> _Key:
         for key in store.keys:

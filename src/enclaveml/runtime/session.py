@@ -105,6 +105,16 @@ class Session:
             raise KeyNotFound(f"key {name} was not released to this job", "add it to `enclaveml run --keys`")
         return self._by_name[name].material
 
+    def export_secret_keys_for_trusted_runtime(self) -> list[ReleasedKey]:
+        """Exactly the released key versions, **with their secret material**.
+
+        Only for handing primary keys (KEKs) to an engine that runs inside this job's
+        attested trust domain and cannot call back into Python: the Spark JVM's parquet-mr
+        ``KmsClient`` (``enclaveml.analytics.spark_keys``). The material must stay in
+        memory: never log, print or persist it.
+        """
+        return list(self._keys.values())
+
     # KeyWrapper: enough to decrypt EML files whose data keys the released keys wrapped.
     def describe_key(self, name_or_id: str) -> _Ref:
         for key in self._keys.values():
