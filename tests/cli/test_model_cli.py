@@ -120,6 +120,22 @@ def test_seal_for_gramine_print_the_manifest_line_and_get_it_back(
     assert stat.S_IMODE((workdir / "back.pb").stat().st_mode) == 0o600
 
 
+def test_the_wrap_key_derived_from_a_kms_key_seals_a_protected_file(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (workdir / "saved_model.pb").write_bytes(os.urandom(10_000))
+    out, _ = run(capsys, "kms", "gramine-pf-key", "models", "-o", "wrap.key")
+    assert "16 bytes, mode 0600" in out
+    key = (workdir / "wrap.key").read_bytes()
+    assert key == LocalKms(workdir / "home" / "keystore.json", PASSPHRASE).gramine_pf_key("models")
+    assert stat.S_IMODE((workdir / "wrap.key").stat().st_mode) == 0o600
+    run(capsys, "model", "encrypt", "saved_model.pb", "-o", "m.pb", "--format", "gramine-pf", "--wrap-key", "wrap.key")
+    assert read_pf_file(workdir / "m.pb", key, "m.pb") == (workdir / "saved_model.pb").read_bytes()
+    assert "already exists" in fails(capsys, "kms", "gramine-pf-key", "models", "-o", "wrap.key", expect=2)
+    assert "no key 'nope'" in fails(capsys, "kms", "gramine-pf-key", "nope", "-o", "other.key", expect=5)
+    assert not (workdir / "other.key").exists()
+
+
 def test_an_explicit_pf_path_is_bound_and_a_wrong_one_refused(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -477,3 +477,17 @@ def test_concurrent_creates_never_lose_a_key(kms: LocalKms, store: Path) -> None
     assert [p.exitcode for p in procs] == [0] * 8
     assert sorted(k.name for k in kms.list_keys()) == sorted(["training-data", *names])
     assert len({k.key_id for k in kms.list_keys()}) == 9
+
+
+def test_gramine_pf_key_is_a_one_way_16_byte_key_per_version(kms: LocalKms) -> None:
+    kms.create_key("models")
+    first = kms.gramine_pf_key("models")
+    assert len(first) == 16
+    assert kms.gramine_pf_key("models") == first  # deterministic: the broker derives the same
+    kms.rotate_key("models")
+    assert kms.gramine_pf_key("models") != first
+    assert kms.gramine_pf_key("models", version=1) == first
+    material = {v.version: v.material for v in kms.export_secret_keys_for_trusted_runtime() if v.name == "models"}
+    assert first not in material[1]  # not a slice of the primary key
+    with pytest.raises(KeyNotFound):
+        kms.gramine_pf_key("models", version=9)

@@ -57,7 +57,7 @@ def test_local_keys_hand_out_the_kms_and_an_explicit_wrap_key_file(
     tmp_path: Path, local_kms: LocalKms, pf_wrap_key: bytes
 ) -> None:
     assert LocalKeys(local_kms).key_wrapper_for_eml() is local_kms
-    with pytest.raises(ConfigError, match="need a 16-byte wrap key; this local key source has no wrap key file"):
+    with pytest.raises(ConfigError, match="need a 16-byte wrap key; this local key source has none"):
         LocalKeys(local_kms).pf_wrap_key()
     (tmp_path / "wrap_key").write_bytes(pf_wrap_key)
     keys = LocalKeys(local_kms, pf_wrap_key_file=tmp_path / "wrap_key")
@@ -73,7 +73,7 @@ def test_wrap_key_file_holds_only_a_pf_key(tmp_path: Path, pf_wrap_key: bytes) -
         WrapKeyFile(path).key_wrapper_for_eml()
     assert "CombinedKeys" in caught.value.diagnostics()
     path.write_bytes(pf_wrap_key.hex().encode())  # hex text, as Gramine 1.0's /dev/attestation took it
-    with pytest.raises(ConfigError, match="holds 32 bytes, not 16"):
+    with pytest.raises(ConfigError, match="holds 32 bytes, not a 16-byte wrap key"):
         WrapKeyFile(path).pf_wrap_key()
     with pytest.raises(ConfigError, match=r"cannot read the wrap key file .*missing"):
         WrapKeyFile(tmp_path / "missing").pf_wrap_key()
@@ -99,8 +99,30 @@ def test_session_keys_open_models_sealed_with_the_released_key(tmp_path: Path, s
     with ModelRepository({"sklearn": tmp_path / "sklearn"}, keys) as repo:
         assert serves(repo)
     assert released.material.hex() not in repr(keys)
-    with pytest.raises(ConfigError, match="released keys are 32-byte broker keys"):
-        keys.pf_wrap_key()
+
+
+def test_session_keys_derive_the_pf_key_the_owner_derived(tmp_path: Path, sklearn_model_bytes: bytes) -> None:
+    released = ReleasedKey("models", "k-00000000000000ab", 1, os.urandom(32))
+    owner_wrap_key = Session("broker", [released], {}).gramine_pf_key("models")  # `kms gramine-pf-key`
+    publish_pf_model(tmp_path / "sklearn", 1, sklearn_model_bytes, owner_wrap_key)
+    keys = SessionKeys(Session("broker", [released], {"tee": "sim"}))
+    with ModelRepository({"sklearn": tmp_path / "sklearn"}, keys) as repo:
+        assert serves(repo)
+        assert repo.get("sklearn").source_format == "gramine-pf"
+
+
+def test_session_keys_with_several_keys_need_the_pf_key_named() -> None:
+    keys = [ReleasedKey(name, f"k-00000000000000a{i}", 1, os.urandom(32)) for i, name in enumerate(("a", "b"))]
+    with pytest.raises(ConfigError, match="which released key"):
+        SessionKeys(Session("broker", keys, {})).pf_wrap_key()
+    assert len(SessionKeys(Session("broker", keys, {}), pf_key="b").pf_wrap_key()) == 16
+
+
+def test_local_keys_derive_the_pf_key_from_a_kms_key(local_kms: LocalKms) -> None:
+    assert LocalKeys(local_kms, pf_key="models").pf_wrap_key() == local_kms.gramine_pf_key("models")
+    with pytest.raises(ConfigError, match="this local key source has none") as caught:
+        LocalKeys(local_kms).pf_wrap_key()
+    assert "pf_key=NAME" in caught.value.hint
 
 
 def test_session_keys_outside_enclaveml_run_say_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,8 +217,8 @@ def test_broker_keys_without_credentials_say_which_variables(monkeypatch: pytest
     keys = BrokerKeys("https://127.0.0.1:1", ["models"], tee=SimulatedTee(SimulationKey.generate(), bytes(48), b""))
     with pytest.raises(ConfigError, match="set ENCLAVEML_APP_ID and ENCLAVEML_API_KEY"):
         keys.key_wrapper_for_eml()
-    with pytest.raises(ConfigError, match="broker keys are 32-byte keys"):
-        keys.pf_wrap_key()
+    with pytest.raises(ConfigError, match="set ENCLAVEML_APP_ID and ENCLAVEML_API_KEY"):
+        keys.pf_wrap_key()  # derived from a released key: it attests first
 
 
 # -- Gramine secret provisioning ------------------------------------------------------------------------

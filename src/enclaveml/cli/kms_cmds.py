@@ -132,6 +132,35 @@ def rotate(app: App, name: str) -> None:
     out_console.print(f"rotated {_key_line(info)}")
 
 
+@kms.command("gramine-pf-key")
+@click.argument("name")
+@click.option("-o", "--output", required=True, metavar="FILE", help="The wrap key file (0600, never replaced).")
+@click.option("--version", type=click.IntRange(min=1), help="Derive from this key version [default: the primary].")
+@pass_app
+def gramine_pf_key(app: App, name: str, output: str, version: int | None) -> None:
+    """Write the Gramine protected-files wrap key derived from a key (16 bytes, secret).
+
+    The key broker's secret provisioning sends the same 16 bytes to an attested enclave
+    (`broker serve --secret-prov-key NAME`, Gramine's SECRET_PROVISION_SET_KEY), so the
+    owner encrypts the model with this file and never ships it. Derived one-way (HKDF): it
+    reveals nothing of the key itself. With --kms broker: owner apps only, audited.
+
+    \b
+    Example:
+      enclaveml kms gramine-pf-key models -o wrap.key
+      enclaveml model encrypt saved_model.pb -o models/resnet50/1/saved_model.pb \\
+          --format gramine-pf --wrap-key wrap.key
+    """
+    from enclaveml.crypto.gramine_pf import write_wrap_key_file
+
+    service = app.open_kms()
+    derive = getattr(service, "gramine_pf_key", None)
+    if derive is None:
+        raise ConfigError(f"the {service.kms_name} KMS cannot derive Gramine keys", "use --kms local or --kms broker")
+    write_wrap_key_file(output, derive(name, version))
+    out_console.print(f"wrote the Gramine wrap key of {name} to {output} (16 bytes, mode 0600; keep it secret)")
+
+
 @kms.command("destroy-version")
 @click.argument("name")
 @click.argument("version", type=click.IntRange(min=1))

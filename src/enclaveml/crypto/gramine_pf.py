@@ -42,9 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.cmac import CMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from enclaveml._atomic import atomic_output
 from enclaveml.errors import ConfigError, FormatError, IntegrityError
@@ -57,6 +59,7 @@ __all__ = [
     "PfInfo",
     "decrypt_pf",
     "derive_metadata_key",
+    "derive_wrap_key",
     "describe_pf",
     "encrypt_pf",
     "encrypt_pf_file",
@@ -66,6 +69,7 @@ __all__ = [
     "pf_version",
     "read_pf_file",
     "read_wrap_key_file",
+    "write_wrap_key_file",
 ]
 
 PF_NODE_SIZE = 4096
@@ -432,9 +436,32 @@ def read_pf_file(path_on_disk: str | os.PathLike[str], key: bytes, pf_path: str)
         raise exc.about(os.fspath(path_on_disk)) from None
 
 
+WRAP_KEY_INFO = b"enclaveml/gramine-pf-key/v1\x00"
+
+
+def derive_wrap_key(primary_key: bytes, key_id: str, version: int) -> bytes:
+    """The 16-byte Gramine wrap key (KDK) derived from version ``version`` of primary key ``key_id``.
+
+    ``HKDF-SHA256(ikm = primary_key, salt = none, info = "enclaveml/gramine-pf-key/v1" ‖ 0x00 ‖
+    key_id ‖ 0x00 ‖ u32be(version), length = 16)``. One KMS key then serves both EML files and
+    Gramine protected files: the owner derives the wrap key to encrypt a model
+    (``enclaveml kms gramine-pf-key``), and the broker's secret provisioning sends the same 16
+    bytes (``SECRET_PROVISION_SET_KEY``) to an attested enclave. HKDF is one-way, so the wrap
+    key reveals nothing of the primary key; key id and version in ``info`` make every key
+    version's wrap key distinct.
+    """
+    if len(primary_key) != 32:
+        raise ValueError("a primary key version is 32 bytes")
+    info = WRAP_KEY_INFO + key_id.encode() + b"\x00" + version.to_bytes(4, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(primary_key)
+
+
 def read_wrap_key_file(path: str | os.PathLike[str]) -> bytes:
     """A raw 16-byte wrap key file (as ``gramine-sgx-pf-crypt -w`` reads it); ``ConfigError`` otherwise."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the wrap key file {os.fspath(path)}: {exc.strerror or exc}") from None
     if len(raw) != KEY_SIZE:
         hint = "a Gramine wrap key file holds exactly 16 raw bytes"
         if len(raw.strip()) == 2 * KEY_SIZE and all(c in b"0123456789abcdefABCDEF" for c in raw.strip()):
@@ -445,12 +472,19 @@ def read_wrap_key_file(path: str | os.PathLike[str]) -> bytes:
 
 def new_wrap_key_file(path: str | os.PathLike[str]) -> None:
     """Write 16 fresh random bytes to ``path`` (mode 0600); never replaces an existing file."""
+    write_wrap_key_file(path, os.urandom(KEY_SIZE))
+
+
+def write_wrap_key_file(path: str | os.PathLike[str], key: bytes) -> None:
+    """Write the 16-byte wrap key ``key`` to ``path`` (mode 0600, atomic); never replaces an existing file."""
+    if len(key) != KEY_SIZE:
+        raise ValueError("a wrap key is 16 bytes")
     target = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as out:
-            out.write(os.urandom(KEY_SIZE))
+            out.write(key)
             out.flush()
             os.fsync(out.fileno())
         try:

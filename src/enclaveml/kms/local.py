@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from enclaveml._atomic import atomic_output
 from enclaveml.crypto._keywrap import unwrap_key, wrap_key
+from enclaveml.crypto.gramine_pf import derive_wrap_key
 from enclaveml.errors import AuthError, ConfigError, KeyNotFound, KeyServiceError, KeyStoreCorrupted
 from enclaveml.kms._protocol import KeyInfo, KeyVersionInfo, WrappedKey
 
@@ -352,6 +353,18 @@ class LocalKms:
             for version in key.versions
             if version.material is not None
         ]
+
+    def gramine_pf_key(self, name_or_id: str, version: int | None = None) -> bytes:
+        """The 16-byte Gramine protected-files wrap key derived from a version of this key (default: primary).
+
+        ``crypto.gramine_pf.derive_wrap_key``: one-way, so handing it out reveals nothing of
+        the primary key; secret (it decrypts the protected files): write it only to a 0600 file.
+        """
+        key = self._find(self._load(), name_or_id)
+        chosen = key.primary() if version is None else next((v for v in key.versions if v.version == version), None)
+        if chosen is None or chosen.material is None:
+            raise KeyNotFound(f"key {key.name} has no enabled version {version}")
+        return derive_wrap_key(chosen.material, key.key_id, chosen.version)
 
     def _find(self, store: _Store, name_or_id: str) -> _Key:
         for key in store.keys:

@@ -28,6 +28,7 @@ from enclaveml.crypto import WrappedKey, decrypt_file, open_reader
 from enclaveml.crypto._envelope import Source
 from enclaveml.crypto._keywrap import unwrap_key, wrap_key
 from enclaveml.crypto._reader import EmlReader
+from enclaveml.crypto.gramine_pf import derive_wrap_key
 from enclaveml.errors import ConfigError, KeyNotFound
 
 __all__ = ["SESSION_FD_ENV", "ReleasedKey", "Session", "encode_bundle", "session"]
@@ -104,6 +105,13 @@ class Session:
         if name not in self._by_name:
             raise KeyNotFound(f"key {name} was not released to this job", "add it to `enclaveml run --keys`")
         return self._by_name[name].material
+
+    def gramine_pf_key(self, name: str) -> bytes:
+        """The 16-byte Gramine protected-files wrap key derived from the released version of ``name``."""
+        if name not in self._by_name:
+            raise KeyNotFound(f"key {name} was not released to this job", "add it to `enclaveml run --keys`")
+        released = self._by_name[name]
+        return derive_wrap_key(released.material, released.key_id, released.version)
 
     def export_secret_keys_for_trusted_runtime(self) -> list[ReleasedKey]:
         """Exactly the released key versions, **with their secret material**.

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 from enclaveml.attestation.ratls import EvidenceKind
 from enclaveml.attestation.tee import Tee, TeeKind
 from enclaveml.crypto import KeyWrapper
+from enclaveml.crypto.gramine_pf import KEY_SIZE, read_wrap_key_file
 from enclaveml.errors import ConfigError
 from enclaveml.runtime.run import BrokerLike, release_keys
 from enclaveml.runtime.session import Session, session
@@ -64,13 +65,16 @@ __all__ = [
     "read_wrap_key_file",
 ]
 
-PF_KEY_SIZE = 16
+PF_KEY_SIZE = KEY_SIZE
 """Gramine's protected-files key (the KDK): AES-128, exactly 16 raw bytes."""
 APP_ID_ENV = "ENCLAVEML_APP_ID"
 API_KEY_ENV = "ENCLAVEML_API_KEY"
 _EVIDENCE_KIND: dict[TeeKind, EvidenceKind] = {"sgx": "sgx-quote", "tdx": "tdx-quote", "sim": "sim"}
 _NO_PF = "Gramine protected model files (.pf) need a 16-byte wrap key"
-_PF_HINT = "use SecretProvKeys (secret provisioning) or a wrap-key file, e.g. CombinedKeys(eml_source, pf_source)"
+_PF_HINT = (
+    "name the key it derives from (pf_key=NAME), or use SecretProvKeys or a wrap-key file, "
+    "e.g. CombinedKeys(eml_source, pf_source)"
+)
 _NO_EML = "EML model files (.eml) need a KMS or released keys"
 _EML_HINT = "use LocalKeys, SessionKeys or BrokerKeys, e.g. CombinedKeys(eml_source, pf_source)"
 
@@ -87,35 +91,42 @@ class KeySource(Protocol):
         ...
 
 
-def read_wrap_key_file(path: str | os.PathLike[str]) -> bytes:
-    """A Gramine wrap-key file: exactly 16 raw bytes (what ``gramine-sgx-pf-crypt -w`` reads)."""
-    where = Path(path)
-    try:
-        data = where.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the wrap key file {where}: {exc.strerror or exc}") from None
-    if len(data) != PF_KEY_SIZE:
-        raise ConfigError(
-            f"the wrap key file {where} holds {len(data)} bytes, not {PF_KEY_SIZE}",
-            "a Gramine wrap key is 16 raw bytes, e.g. `head -c 16 /dev/urandom > wrap_key`",
-        )
-    return data
+def _pf_key_name(chosen: str | None, available: Sequence[str]) -> str:
+    if chosen is not None:
+        return chosen
+    if len(available) != 1:
+        raise ConfigError(f"{_NO_PF}: which released key does it derive from?", _PF_HINT)
+    return available[0]
 
 
 class LocalKeys:
-    """EML keys from a KMS object you hold (``LocalKms`` for local mode); PF key from ``pf_wrap_key_file``."""
+    """EML keys from a KMS object you hold (``LocalKms`` for local mode).
 
-    def __init__(self, kms: KeyWrapper, *, pf_wrap_key_file: str | os.PathLike[str] | None = None) -> None:
+    The PF key comes from ``pf_wrap_key_file``, or is derived from the KMS key ``pf_key``
+    (``LocalKms.gramine_pf_key``, what ``enclaveml kms gramine-pf-key`` writes).
+    """
+
+    def __init__(
+        self,
+        kms: KeyWrapper,
+        *,
+        pf_wrap_key_file: str | os.PathLike[str] | None = None,
+        pf_key: str | None = None,
+    ) -> None:
         self._kms = kms
         self._pf_file = None if pf_wrap_key_file is None else Path(pf_wrap_key_file)
+        self._pf_key = pf_key
 
     def key_wrapper_for_eml(self) -> KeyWrapper:
         return self._kms
 
     def pf_wrap_key(self) -> bytes:
-        if self._pf_file is None:
-            raise ConfigError(f"{_NO_PF}; this local key source has no wrap key file", "pass pf_wrap_key_file=PATH")
-        return read_wrap_key_file(self._pf_file)
+        if self._pf_file is not None:
+            return read_wrap_key_file(self._pf_file)
+        derive = getattr(self._kms, "gramine_pf_key", None)
+        if self._pf_key is None or derive is None:
+            raise ConfigError(f"{_NO_PF}; this local key source has none", "pass pf_wrap_key_file=PATH or pf_key=NAME")
+        return bytes(derive(self._pf_key))
 
     def __repr__(self) -> str:
         return f"LocalKeys(kms={type(self._kms).__name__}, pf_wrap_key_file={self._pf_file})"
@@ -140,8 +151,9 @@ class WrapKeyFile:
 class SessionKeys:
     """The keys ``enclaveml run`` released to this process (``enclaveml.session()``), or a given ``Session``."""
 
-    def __init__(self, session: Session | None = None) -> None:
+    def __init__(self, session: Session | None = None, *, pf_key: str | None = None) -> None:
         self._session = session
+        self._pf_key = pf_key
 
     def key_wrapper_for_eml(self) -> KeyWrapper:
         if self._session is None:
@@ -155,7 +167,10 @@ class SessionKeys:
         return self._session
 
     def pf_wrap_key(self) -> bytes:
-        raise ConfigError(f"{_NO_PF}; released keys are 32-byte broker keys", _PF_HINT)
+        """Derived from the released key ``pf_key`` (the only released key when not named)."""
+        released = self.key_wrapper_for_eml()
+        assert isinstance(released, Session)
+        return released.gramine_pf_key(_pf_key_name(self._pf_key, released.key_names()))
 
     def __repr__(self) -> str:
         return f"SessionKeys({self._session!r})"
@@ -187,6 +202,7 @@ class BrokerKeys:
         ca: str | None = None,
         client_cert: tuple[str, str] | None = None,
         client: BrokerLike | None = None,
+        pf_key: str | None = None,
     ) -> None:
         if not keys:
             raise ConfigError("no keys to receive from the broker", "name the keys the model files are sealed with")
@@ -197,6 +213,7 @@ class BrokerKeys:
         self._session: Session | None = None
         self._lock = threading.Lock()
         self.insecure = False  # set when the broker accepted simulated evidence
+        self._pf_key = pf_key
 
     def _broker(self) -> tuple[BrokerLike, BrokerClient | None]:
         if self._client is not None:
@@ -225,7 +242,10 @@ class BrokerKeys:
             return self._session
 
     def pf_wrap_key(self) -> bytes:
-        raise ConfigError(f"{_NO_PF}; broker keys are 32-byte keys", _PF_HINT)
+        """Derived from the released key ``pf_key`` (the only key received when not named)."""
+        released = self.key_wrapper_for_eml()
+        assert isinstance(released, Session)
+        return released.gramine_pf_key(_pf_key_name(self._pf_key, self.keys))
 
     def refresh(self) -> None:
         """Forget the released keys: the next use attests again."""
