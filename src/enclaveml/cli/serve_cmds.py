@@ -71,7 +71,7 @@ def _make_tee(spec: _TeeSpec) -> Tee:
 
 
 def _sim_measurement() -> bytes:
-    """The simulated MR_ENCLAVE of ``enclaveml serve``: the installed package, so a changed server measures differently."""
+    """The simulated MR_ENCLAVE of ``enclaveml serve``: over the installed package (a changed server differs)."""
     from enclaveml.runtime.run import sim_measurement
 
     package = Path(__file__).resolve().parent.parent
@@ -265,7 +265,7 @@ def serve(
 
     if print_measurement:
         if tee != "sim":
-            raise ConfigError("--print-measurement is for --tee sim", "on hardware, use the enclave's signed measurement")
+            raise ConfigError("--print-measurement is for --tee sim", "on hardware: the signed enclave's measurement")
         click.echo(_sim_measurement().hex())
         return
     if not model_specs:
