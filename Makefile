@@ -16,12 +16,15 @@ $(STAMP): pyproject.toml requirements.lock
 
 # The unchanged TF Serving client (tensorflow-serving-api pulls in all of TensorFlow) lives in its
 # own venv so TensorFlow never shadows the protos the server imports; only the interop test uses it.
+# enclaveml itself is installed there too (--no-deps), for the SavedModel runtime tests.
 TFCLIENT := $(VENV)/tfclient
 TFSTAMP := $(TFCLIENT)/.installed
 
 $(TFSTAMP): $(STAMP) requirements-tfclient.lock
 	test -x $(TFCLIENT)/bin/python || $(PYTHON) -m venv $(TFCLIENT)
 	$(BIN)/uv pip install -q --python $(TFCLIENT)/bin/python -r requirements-tfclient.lock
+	$(BIN)/uv pip install -q --python $(TFCLIENT)/bin/python --no-deps -e .
+	$(BIN)/uv pip install -q --python $(TFCLIENT)/bin/python -c requirements.lock cryptography pyjwt cbor2 filelock
 	touch $(TFSTAMP)
 
 install: $(STAMP) $(TFSTAMP)

@@ -22,6 +22,10 @@ call                       does
 ``read_model_metadata``    the header's metadata, no key needed (unauthenticated)
 =========================  ================================================================
 
+A model file may also hold a TensorFlow SavedModel (``format`` ``tf-savedmodel``): the
+model server's optional second runtime seals and opens those (``serving/runtime_tf.py``);
+this module only describes their header and authenticates them.
+
 Why ONNX and never pickle: unpickling runs whatever code the file names (``__reduce__``), so a
 pickled model is a program, and whoever can swap the file runs code in the enclave that holds
 the keys. ONNX is data (a protobuf graph of known operators) that a runtime interprets; the
@@ -55,6 +59,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODEL_FORMAT",
+    "MODEL_FORMATS",
+    "SAVEDMODEL_FORMAT",
     "Features",
     "Kind",
     "ModelMetadata",
@@ -75,7 +81,10 @@ Kind = Literal["linear", "random_forest", "xgboost"]
 Task = Literal["regression", "classification"]
 
 MODEL_FORMAT = "onnx"
-"""The ``format`` value in a model file's header; the only one this module writes or loads."""
+"""The ``format`` value in an ONNX model file's header; the only one this module trains, writes or parses."""
+SAVEDMODEL_FORMAT = "tf-savedmodel"
+"""A TensorFlow SavedModel directory packed as a tar archive (``serving.runtime_tf``), served only beside TensorFlow."""
+MODEL_FORMATS = (MODEL_FORMAT, SAVEDMODEL_FORMAT)
 
 # ai.onnx 17 / ai.onnx.ml 3: what skl2onnx 1.17+ and onnxruntime 1.18+ (the ml extra's floors) share.
 TARGET_OPSET: dict[str, int] = {"": 17, "ai.onnx.ml": 3}
@@ -342,12 +351,17 @@ class ModelMetadata:
     Context keys, each value at most 1024 bytes (``docs/format.md``):
 
     ===================  =========================================================
-    ``format``           ``onnx``
+    ``format``           ``onnx`` or ``tf-savedmodel``
     ``model_name``       ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``
     ``model_version``    decimal integer ≥ 1 (the TF Serving version directory)
     ``model_inputs``     JSON ``[{"name":..., "type": "FLOAT"|"STRING"|..., "shape": [-1, 1]}]``
     ``model_outputs``    the same for the outputs
     ===================  =========================================================
+
+    Types are ONNX ``TensorProto`` names for both formats (a SavedModel's ``DT_FLOAT`` is
+    ``FLOAT``). A ``tf-savedmodel`` file sealed where its signature could not be read has
+    neither ``model_inputs`` nor ``model_outputs``: ``inputs`` and ``outputs`` are then empty
+    (``signature_known`` is false) and the server learns them from the model when it loads.
     """
 
     name: str
@@ -355,6 +369,11 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     format: str = MODEL_FORMAT
+
+    @property
+    def signature_known(self) -> bool:
+        """Whether the header lists the inputs and outputs (always for ONNX; see the class docstring)."""
+        return self.format == MODEL_FORMAT or bool(self.inputs or self.outputs)
 
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes, *, name: str, version: int = 1) -> ModelMetadata:
@@ -366,19 +385,16 @@ class ModelMetadata:
         """The EML context; ``ConfigError`` if a field is invalid or too long (checked before any KMS call)."""
         # Format, name (64) and version are short and each tensor list is capped at 1024 bytes, so the
         # 4096-byte descriptor (docs/format.md 2.1) cannot overflow: no total check is needed.
-        if self.format != MODEL_FORMAT:
-            raise ConfigError(f"unknown model format {self.format!r}", f"only {MODEL_FORMAT!r} is written")
+        if self.format not in MODEL_FORMATS:
+            raise ConfigError(f"unknown model format {self.format!r}", f"use one of {', '.join(MODEL_FORMATS)}")
         if not _NAME_RE.fullmatch(self.name):
             raise ConfigError(f"invalid model name {self.name!r}", "use letters, digits, '_', '.', '-' (1-64)")
         if self.version < 1:
             raise ConfigError(f"invalid model version {self.version}", "versions start at 1")
-        context = {
-            "format": self.format,
-            "model_name": self.name,
-            "model_version": str(self.version),
-            "model_inputs": _tensors_json(self.inputs),
-            "model_outputs": _tensors_json(self.outputs),
-        }
+        context = {"format": self.format, "model_name": self.name, "model_version": str(self.version)}
+        if self.signature_known:
+            context["model_inputs"] = _tensors_json(self.inputs)
+            context["model_outputs"] = _tensors_json(self.outputs)
         for key, value in context.items():
             if len(value.encode()) > MAX_CONTEXT_VALUE:
                 raise ConfigError(
@@ -389,14 +405,18 @@ class ModelMetadata:
 
     @classmethod
     def from_context(cls, context: Mapping[str, str]) -> ModelMetadata:
-        if context.get("format") != MODEL_FORMAT:
-            raise FormatError(f"not an ONNX model file (format={context.get('format')!r})")
+        fmt = context.get("format")
+        if fmt not in MODEL_FORMATS:
+            raise FormatError(f"not an ONNX model file (format={fmt!r})")
+        # A SavedModel sealed without its signature carries neither tensor list (class docstring).
+        unlisted = fmt == SAVEDMODEL_FORMAT and "model_inputs" not in context and "model_outputs" not in context
         try:
             return cls(
                 context["model_name"],
                 int(context["model_version"]),
-                _tensors_from_json(context["model_inputs"]),
-                _tensors_from_json(context["model_outputs"]),
+                () if unlisted else _tensors_from_json(context["model_inputs"]),
+                () if unlisted else _tensors_from_json(context["model_outputs"]),
+                fmt,
             )
         except (KeyError, ValueError, TypeError):
             raise FormatError("the model file's header metadata is incomplete or malformed") from None
@@ -449,6 +469,11 @@ def save_encrypted_model(
     and no plaintext byte of the model ever reaches the disk.
     """
     context = metadata.to_context()
+    if metadata.format != MODEL_FORMAT:
+        raise ConfigError(
+            f"save_encrypted_model seals ONNX models, not {metadata.format!r}",
+            "seal a SavedModel directory with enclaveml.serving.runtime_tf.seal_savedmodel",
+        )
     graph = ModelMetadata.from_onnx(onnx_bytes, name=metadata.name, version=metadata.version)
     if (graph.inputs, graph.outputs) != (metadata.inputs, metadata.outputs):
         raise ConfigError(
@@ -471,7 +496,11 @@ def read_model_metadata(path: str | os.PathLike[str]) -> ModelMetadata:
 
 
 def load_encrypted_model(
-    path: str | os.PathLike[str], kms: KeyWrapper, *, expected: ModelMetadata | None = None
+    path: str | os.PathLike[str],
+    kms: KeyWrapper,
+    *,
+    expected: ModelMetadata | None = None,
+    formats: Sequence[str] = (MODEL_FORMAT,),
 ) -> bytes:
     """Verify and decrypt the model file ``path``; returns ONNX bytes that parse and pass ``onnx.checker``.
 
@@ -479,16 +508,25 @@ def load_encrypted_model(
     key the KMS does not hold is ``KeyNotFound``; a file that is not an ONNX model file is a
     ``FormatError``. ``expected`` (e.g. what ``read_model_metadata`` showed before the key
     was released) must equal the authenticated header's metadata, else ``ContextMismatch``.
+    ``formats``: the model formats accepted (``FormatError`` for another); a ``tf-savedmodel``
+    file's plaintext (its tar archive) is returned authenticated but unparsed: its runtime
+    checks it (``serving.runtime_tf``).
     """
     blob = Path(path).read_bytes()
     try:
         context = read_header(io.BytesIO(blob)).bound.context_dict()
         metadata = ModelMetadata.from_context(context)
+        if metadata.format not in formats:
+            raise FormatError(
+                f"the model file holds format {metadata.format!r}, not {' or '.join(formats)}",
+                "serve TensorFlow SavedModels with enclaveml serve (serving.runtime_tf)",
+            )
         if expected is not None and expected != metadata:
             raise ContextMismatch("the model file's metadata differs from the expected metadata")
         # The header's own context, authenticated here: the bound header is the AAD of the key wrap.
         plaintext = bytes(decrypt_bytes(blob, kms, context=context))
-        _parse_onnx(plaintext)
+        if metadata.format == MODEL_FORMAT:
+            _parse_onnx(plaintext)
     except EnclaveMLError as exc:
         raise exc.about(Path(path).name) from None
     return plaintext

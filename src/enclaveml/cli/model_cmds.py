@@ -4,6 +4,10 @@ Two sealed formats, one per server: an EML model file (our container, ONNX insid
 metadata in the header, data key wrapped by a KMS key) for ``enclaveml serve``, and a
 Gramine protected file (``crypto/gramine_pf.py``, a 16-byte wrap key the enclave gets by
 secret provisioning) for a server that Gramine runs, such as CCZoo's TF Serving.
+
+A SavedModel directory given to ``encrypt`` is packed into one archive in memory
+(``serving/runtime_tf.py``) and sealed whole: an EML file with ``format=tf-savedmodel``, or
+a protected file holding the archive. No TensorFlow is needed to seal it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from enclaveml.crypto._format import MAGIC
 from enclaveml.crypto.gramine_pf import (
     PF_NODE_SIZE,
     describe_pf,
+    encrypt_pf,
     encrypt_pf_file,
     gramine_path,
     is_pf,
@@ -65,7 +70,7 @@ def _manifest_path(bound: str) -> str:
 
 @model.command("encrypt")
 @kms_backend_option("--kms")
-@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source", type=click.Path(exists=True))
 @click.option("--output", "-o", required=True, help="The sealed model file to write (replaced atomically).")
 @click.option(
     "--format",
@@ -104,14 +109,17 @@ def encrypt_model(
 ) -> None:
     """Seal the model SOURCE into OUTPUT; no plaintext byte is written.
 
-    eml: SOURCE must be ONNX; its input and output names, types and shapes go into the
-    header with the model name and version. gramine-pf: SOURCE is any file (a TF
-    saved_model.pb, ssl.cfg); the file is bound to --pf-path, which must be the manifest
-    uri without "file:", exactly.
+    eml: SOURCE must be ONNX, or a TensorFlow SavedModel directory (packed whole, served
+    where TensorFlow is installed); the inputs and outputs go into the header with the model
+    name and version (for a SavedModel: its serving_default signature, when the TF protos
+    are installed to read it, else recorded as unknown). gramine-pf: SOURCE is any file (a
+    TF saved_model.pb, ssl.cfg) or a SavedModel directory (packed); the file is bound to
+    --pf-path, which must be the manifest uri without "file:", exactly.
 
     \b
     Example:
       enclaveml model encrypt iris.onnx -o models/iris/1/model.onnx.eml --key models
+      enclaveml model encrypt export/ -o models/tfm/1/model.savedmodel.eml --key models
       enclaveml model wrap-key -o wrap.key
       enclaveml model encrypt saved_model.pb -o models/resnet50/1/saved_model.pb \\
           --format gramine-pf --wrap-key wrap.key --pf-version 1
@@ -122,11 +130,13 @@ def encrypt_model(
         if key is not None or name is not None or model_version is not None:
             raise ConfigError("--key, --name and --version are for --format eml", "gramine-pf uses --wrap-key only")
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        bound = encrypt_pf_file(source, output, read_wrap_key_file(wrap_key), pf_path, int(pf_version))
-        err_console.print(
-            f"encrypted {source} -> {output}: Gramine protected file v{pf_version}, bound to path {bound!r}",
-            markup=False,
-        )
+        pf_key, what = read_wrap_key_file(wrap_key), f"Gramine protected file v{pf_version}"
+        if Path(source).is_dir():
+            bound = _encrypt_savedmodel_pf(source, output, pf_key, pf_path, int(pf_version))
+            what += " holding a SavedModel archive"
+        else:
+            bound = encrypt_pf_file(source, output, pf_key, pf_path, int(pf_version))
+        err_console.print(f"encrypted {source} -> {output}: {what}, bound to path {bound!r}", markup=False)
         err_console.print("mount it in the Gramine manifest (fs.mounts) with:", markup=False)
         out_console.print(
             f'{{ path = "{_manifest_path(bound)}", uri = "file:{bound}", type = "encrypted" }}', markup=False
@@ -139,6 +149,9 @@ def encrypt_model(
     from enclaveml.analytics.ml import ModelMetadata, save_encrypted_model
 
     model_name, version = _name_and_version(output, name, model_version)
+    if Path(source).is_dir():
+        _encrypt_savedmodel_eml(app, source, output, key, model_name, version)
+        return
     onnx_bytes = Path(source).read_bytes()
     metadata = ModelMetadata.from_onnx(onnx_bytes, name=model_name, version=version)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +159,32 @@ def encrypt_model(
     err_console.print(
         f"encrypted {source} -> {output}: model {model_name} version {version}, key {key}, "
         f"{len(metadata.inputs)} inputs, {len(metadata.outputs)} outputs",
+        markup=False,
+    )
+
+
+def _encrypt_savedmodel_pf(source: str, output: str, wrap_key: bytes, pf_path: str | None, pf_version: int) -> str:
+    from enclaveml.serving.runtime_tf import pack_savedmodel
+
+    bound = gramine_path(output) if pf_path is None else pf_path
+    sealed = encrypt_pf(pack_savedmodel(source), wrap_key, bound, version=pf_version)
+    with atomic_output(output, mode=0o600) as out:
+        out.write(sealed)
+    return bound
+
+
+def _encrypt_savedmodel_eml(app: App, source: str, output: str, key: str, name: str, version: int) -> None:
+    from enclaveml.serving.runtime_tf import save_encrypted_savedmodel
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    metadata = save_encrypted_savedmodel(source, output, app.open_kms(), key, name=name, version=version)
+    tensors = (
+        f"{len(metadata.inputs)} inputs, {len(metadata.outputs)} outputs (signature serving_default)"
+        if metadata.signature_known
+        else "inputs and outputs unknown (saved_model.pb unreadable here or too large a signature; the server reads it)"
+    )
+    err_console.print(
+        f"encrypted {source} -> {output}: TensorFlow SavedModel, model {name} version {version}, key {key}, {tensors}",
         markup=False,
     )
 
@@ -189,13 +228,15 @@ def _describe(path: str) -> dict[str, object]:
 
     header = describe_file(path).header
     meta = ModelMetadata.from_context(header.bound.context_dict())
+    known = meta.signature_known
     return {
         "file": path,
         "format": "eml",
+        "model_format": meta.format,
         "model_name": meta.name,
         "model_version": meta.version,
-        "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in meta.inputs],
-        "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in meta.outputs],
+        "inputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in meta.inputs] if known else None,
+        "outputs": [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in meta.outputs] if known else None,
         "kms": header.bound.kms_name,
         "key_id": header.bound.key_id,
         "key_version": header.envelope.key_version,
@@ -223,7 +264,9 @@ def inspect_model(path: str, as_json: bool) -> None:
         out_console.print_json(json.dumps(fields))
         return
     for name, value in fields.items():
-        if name in ("inputs", "outputs"):
+        if name in ("inputs", "outputs") and value is None:
+            value = "unknown (sealed without reading the signature; the server reads it from the model)"
+        elif name in ("inputs", "outputs"):
             value = ", ".join(f"{t['name']} {t['type']} {t['shape']}" for t in value)  # type: ignore[attr-defined]
         out_console.print(f"{name:<15} {value}", markup=False)
 
@@ -241,6 +284,8 @@ def decrypt_model(
 ) -> None:
     """Verify and decrypt a sealed model, for its owner; OUTPUT appears only if every byte verified.
 
+    A sealed SavedModel comes back as its archive: `tar -x -C DIR -f OUTPUT` restores it.
+
     \b
     Example:
       enclaveml model decrypt models/iris/1/model.onnx.eml -o iris.onnx --key-from-kms
@@ -257,9 +302,10 @@ def decrypt_model(
     elif prefix == MAGIC:
         if not key_from_kms or wrap_key is not None or pf_path is not None:
             raise ConfigError(f"{source} is an EML model file", "decrypt it with --key-from-kms")
-        from enclaveml.analytics.ml import load_encrypted_model
+        from enclaveml.analytics.ml import MODEL_FORMATS, load_encrypted_model
 
-        plaintext = load_encrypted_model(source, app.open_kms())
+        # A SavedModel comes back as its archive: `tar -x -C DIR -f OUTPUT` restores the directory.
+        plaintext = load_encrypted_model(source, app.open_kms(), formats=MODEL_FORMATS)
     else:
         raise FormatError(f"{source}: neither an EML model file nor a Gramine protected file", "check the file name")
     with atomic_output(output, mode=0o600) as out:

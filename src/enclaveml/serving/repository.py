@@ -9,11 +9,12 @@ Layout (TF Serving's)::
 A version directory holds exactly one model file (hidden files, such as a temporary file
 being written, are ignored):
 
-- ``*.eml`` (normally ``model.onnx.eml``): an EML model file, opened with the key source's
-  ``KeyWrapper`` by ``analytics.ml.load_encrypted_model`` (authenticated, then checked as
-  ONNX). Its authenticated header names the model and version; both must match the
-  directory, so a sealed version 1 copied into ``3/`` (a rollback in disguise) or another
-  model's file is refused;
+- ``*.eml`` (normally ``model.onnx.eml``, or ``model.savedmodel.eml`` for a TensorFlow
+  SavedModel): an EML model file, opened with the key source's ``KeyWrapper`` by
+  ``analytics.ml.load_encrypted_model`` (authenticated, then checked as ONNX when its header
+  says ``format=onnx``). Its authenticated header names the model and version; both must
+  match the directory, so a sealed version 1 copied into ``3/`` (a rollback in disguise) or
+  another model's file is refused;
 - ``*.pf`` or any file starting with ``GRAFS_PF``: a Gramine protected file, opened with the
   key source's 16-byte wrap key by ``crypto.gramine_pf.decrypt_pf``. A protected file is
   bound to a path: ``<model root as configured>/<version>/<file name>``, normalised as
@@ -21,7 +22,12 @@ being written, are ignored):
   ``pf_path_prefix={"resnet50": "models/resnet50-v15-fp32"}`` replaces the root in that path
   for files encrypted for another layout (a Gramine manifest's ``uri``).
 
-Plaintext model bytes exist only in memory (``OnnxModel`` builds its session from them).
+The runtime follows the model's format: ``format=onnx`` (and a protected file holding ONNX)
+→ ``runtime_factory`` (``OnnxModel``); ``format=tf-savedmodel`` (and a protected file holding
+a tar archive) → ``savedmodel_factory`` (``runtime_tf.TfSavedModel``, imported only then;
+without TensorFlow the version fails with ``runtime_tf.TF_MISSING`` as its reason).
+Plaintext model bytes exist only in memory (``OnnxModel`` builds its session from them,
+``TfSavedModel`` loads from TensorFlow's in-memory file system).
 
 Version policy: TF Serving's default, ``latest``: serve the newest version directory. A new
 version is loaded beside the current one, which keeps serving until the new one is
@@ -59,6 +65,7 @@ from enclaveml.serving.keys import KeySource
 from enclaveml.serving.runtime import ModelRuntime, OnnxModel
 
 __all__ = [
+    "ModelFormat",
     "ModelRepository",
     "ModelState",
     "ServedModel",
@@ -67,11 +74,13 @@ __all__ = [
     "pf_bound_path",
     "publish_eml_model",
     "publish_pf_model",
+    "publish_savedmodel",
 ]
 
 logger = logging.getLogger("enclaveml.serving")
 
 SourceFormat = Literal["eml", "gramine-pf"]
+ModelFormat = Literal["onnx", "tf-savedmodel"]
 _PF_FILE_ID = b"GRAFS_PF"
 
 
@@ -94,7 +103,10 @@ class VersionStatus:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A loaded model version. ``decrypt_seconds``: read + verify + decrypt; ``load_seconds``: session build."""
+    """A loaded model version. ``decrypt_seconds``: read + verify + decrypt; ``load_seconds``: runtime build.
+
+    ``source_format``: the sealed file's format; ``model_format``: the model inside it.
+    """
 
     name: str
     version: int
@@ -103,6 +115,7 @@ class ServedModel:
     source_format: SourceFormat
     decrypt_seconds: float = 0.0
     path: Path | None = None
+    model_format: ModelFormat = "onnx"
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,12 @@ class _LoadFailed(Exception):
 RuntimeFactory = Callable[[bytes], ModelRuntime]
 
 
+def _savedmodel_runtime(archive: bytes) -> ModelRuntime:
+    from enclaveml.serving.runtime_tf import TfSavedModel  # TensorFlow only when a SavedModel is served
+
+    return TfSavedModel(archive)
+
+
 def pf_bound_path(root: str | os.PathLike[str], version: int, file_name: str) -> str:
     """The path a protected model file is bound to: ``<root>/<version>/<file>``, normalised as Gramine does."""
     from enclaveml.crypto.gramine_pf import gramine_path
@@ -143,8 +162,9 @@ class ModelRepository:
     ``models``: model name → model root (its numbered version directories). ``keys``: where
     the keys come from (``serving.keys``). ``poll_seconds``: reload period (``None``: only
     explicit ``reload()`` calls). ``pf_path_prefix``: model name → the root to bind
-    protected files to instead of the configured one. ``runtime_factory``: model bytes →
-    ``ModelRuntime`` (default ``OnnxModel``).
+    protected files to instead of the configured one. ``runtime_factory``: ONNX model bytes →
+    ``ModelRuntime`` (default ``OnnxModel``); ``savedmodel_factory``: SavedModel archive →
+    ``ModelRuntime`` (default ``runtime_tf.TfSavedModel``).
     """
 
     def __init__(
@@ -155,6 +175,7 @@ class ModelRepository:
         poll_seconds: float | None = None,
         pf_path_prefix: Mapping[str, str] | None = None,
         runtime_factory: RuntimeFactory = OnnxModel,
+        savedmodel_factory: RuntimeFactory = _savedmodel_runtime,
     ) -> None:
         if not models:
             raise ConfigError("no models to serve", "name at least one model and its directory")
@@ -167,7 +188,10 @@ class ModelRepository:
         self._keys = keys
         self._poll_seconds = poll_seconds
         self._pf_prefix = dict(pf_path_prefix or {})
-        self._runtime_factory = runtime_factory
+        self._runtime_factories: dict[ModelFormat, RuntimeFactory] = {
+            "onnx": runtime_factory,
+            "tf-savedmodel": savedmodel_factory,
+        }
         self._versions: dict[str, dict[int, _Version]] = {name: {} for name in models}
         self._scan_errors: dict[str, str | None] = dict.fromkeys(models)
         self._lock = threading.RLock()
@@ -331,17 +355,19 @@ class ModelRepository:
         with self._lock:
             self._versions[name][version] = _Version(ModelState.AVAILABLE, served=served, fingerprint=fingerprint)
         timing = f"decrypt {served.decrypt_seconds:.3f} s, load {served.load_seconds:.3f} s"
-        logger.info("model %s version %d available (%s, %s)", name, version, served.source_format, timing)
+        kind = f"{served.model_format} in {served.source_format}"
+        logger.info("model %s version %d available (%s, %s)", name, version, kind, timing)
 
     def _load(self, name: str, version: int, dir_path: Path) -> ServedModel:
         file_path, source_format = _model_file(dir_path)
         started = time.perf_counter()
         try:
             if source_format == "eml":
-                plaintext = _open_eml(file_path, self._keys.key_wrapper_for_eml(), name, version)
+                plaintext, model_format = _open_eml(file_path, self._keys.key_wrapper_for_eml(), name, version)
             else:
                 root = self._pf_prefix.get(name, os.fspath(self._roots[name]))
-                plaintext = _open_pf(file_path, self._keys.pf_wrap_key(), pf_bound_path(root, version, file_path.name))
+                bound = pf_bound_path(root, version, file_path.name)
+                plaintext, model_format = _open_pf(file_path, self._keys.pf_wrap_key(), bound)
         except EnclaveMLError as exc:
             # Tampering and malformed files stay failed until the file changes; key service,
             # attestation and configuration problems may clear up: try again on each reload.
@@ -350,7 +376,7 @@ class ModelRepository:
             raise _LoadFailed(f"{file_path.name}: cannot read: {exc.strerror or exc}", retry=True) from None
         decrypted = time.perf_counter()
         try:
-            runtime = self._runtime_factory(plaintext)
+            runtime = self._runtime_factories[model_format](plaintext)
         except EnclaveMLError as exc:
             raise _LoadFailed(f"{file_path.name}: {_line(exc)}", retry=False) from None
         except Exception as exc:  # a runtime factory's own failure: one line, no traceback in the status
@@ -358,7 +384,9 @@ class ModelRepository:
         finally:
             del plaintext
         loaded = time.perf_counter()
-        return ServedModel(name, version, runtime, loaded - decrypted, source_format, decrypted - started, file_path)
+        return ServedModel(
+            name, version, runtime, loaded - decrypted, source_format, decrypted - started, file_path, model_format
+        )
 
 
 def _line(exc: EnclaveMLError) -> str:
@@ -431,30 +459,34 @@ def _fingerprint_of(dir_path: Path) -> _Fingerprint | None:
 # -- opening ----------------------------------------------------------------------------------
 
 
-def _open_eml(path: Path, kms: KeyWrapper, name: str, version: int) -> bytes:
-    from enclaveml.analytics.ml import load_encrypted_model, read_model_metadata
+def _open_eml(path: Path, kms: KeyWrapper, name: str, version: int) -> tuple[bytes, ModelFormat]:
+    from enclaveml.analytics.ml import MODEL_FORMATS, load_encrypted_model, read_model_metadata
 
     claimed = read_model_metadata(path)  # unauthenticated until load_encrypted_model compares it
-    plaintext = load_encrypted_model(path, kms, expected=claimed)
+    plaintext = load_encrypted_model(path, kms, expected=claimed, formats=MODEL_FORMATS)
     if claimed.version != version or claimed.name != name:
         raise IntegrityError(
             f"{path.name}: the file is sealed as model {claimed.name!r} version {claimed.version}, "
             f"but it is in {name!r} version {version}",
             "a copied or renamed model file is refused; seal the model for this name and version",
         )
-    return plaintext
+    return plaintext, "tf-savedmodel" if claimed.format == "tf-savedmodel" else "onnx"
 
 
-def _open_pf(path: Path, key: bytes, bound_path: str) -> bytes:
+def _open_pf(path: Path, key: bytes, bound_path: str) -> tuple[bytes, ModelFormat]:
+    """A protected file's plaintext and what it holds: a tar archive is a SavedModel, anything else must be ONNX."""
     from enclaveml.crypto.gramine_pf import decrypt_pf
+    from enclaveml.serving.runtime_tf import is_savedmodel_archive
 
     data = path.read_bytes()
     try:
         plaintext = decrypt_pf(data, key, bound_path)
+        if is_savedmodel_archive(plaintext):
+            return plaintext, "tf-savedmodel"  # TfSavedModel checks the archive
         _check_onnx(plaintext)
     except EnclaveMLError as exc:
         raise exc.about(path.name) from None
-    return plaintext
+    return plaintext, "onnx"
 
 
 def _check_onnx(data: bytes) -> None:
@@ -531,3 +563,24 @@ def publish_pf_model(
     root = Path(model_root)
     bound = pf_bound_path(bound_root if bound_root is not None else model_root, version, "model.onnx.pf")
     return _publish(root, version, "model.onnx.pf", bytes(encrypt_pf(onnx_bytes, wrap_key, bound)))
+
+
+def publish_savedmodel(
+    model_root: str | os.PathLike[str],
+    version: int,
+    directory: str | os.PathLike[str],
+    kms: KeyWrapper,
+    key: str,
+    *,
+    name: str | None = None,
+) -> Path:
+    """Seal the SavedModel ``directory`` as ``<model_root>/<version>/model.savedmodel.eml``, published atomically.
+
+    Packed and sealed in memory by ``runtime_tf.seal_savedmodel`` (no TensorFlow needed);
+    ``name`` (default: the root's directory name) and ``version`` go into the header.
+    """
+    from enclaveml.serving.runtime_tf import seal_savedmodel
+
+    root = Path(model_root)
+    sealed, _ = seal_savedmodel(directory, kms, key, name=name or root.name, version=version)
+    return _publish(root, version, "model.savedmodel.eml", sealed)
