@@ -91,9 +91,7 @@ DEFAULT_SIGNATURE = "serving_default"
 """The signature TF Serving serves when a request names none."""
 MAX_MEMBERS = 65_536
 """Files and directories in one archive; a SavedModel has a handful (variables shards, assets)."""
-TF_MISSING = (
-    "TensorFlow is not installed in this environment; serve SavedModels from an environment with TensorFlow"
-)
+TF_MISSING = "TensorFlow is not installed in this environment; serve SavedModels from an environment with TensorFlow"
 _TF_MISSING_HINT = "install tensorflow beside enclaveml (docs/serving-models.md, TensorFlow SavedModels)"
 _GRAPH_FILES = ("saved_model.pb", "saved_model.pbtxt")
 _ARCHIVE_HINT = "seal the SavedModel directory itself: enclaveml model encrypt DIR (or publish_savedmodel)"
