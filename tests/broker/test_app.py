@@ -232,6 +232,61 @@ def test_a_replayed_release_is_refused_as_a_replay(broker: Broker) -> None:
     assert [e.event for e in broker.store.iter_audit()].count("key.released") == 1
 
 
+def test_a_replayed_nonce_request_is_refused_and_issues_nothing(broker: Broker) -> None:
+    signing_key = derive_signing_key(base64.b64decode(broker.workload_key))
+    headers = sign_request(broker.workload.app_id, signing_key, "GET", "/v1/nonce", b"", now=datetime.now(UTC))
+    first = broker.http.get("/v1/nonce", headers=headers)
+    assert first.status_code == 200
+    replay = broker.http.get("/v1/nonce", headers=headers)
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_request")
+    assert "nonce" not in replay.json()
+    assert _last_event(broker.store) == {
+        "event": "auth.refused",
+        "reason": "replayed_request",
+        "method": "GET",
+        "path": "/v1/nonce",
+    }
+
+
+def test_a_refused_release_is_audited_once_and_cannot_be_replayed(broker: Broker) -> None:
+    _setup_key(broker, policy=OTHER_POLICY)  # this workload's measurement is not the policy's
+    recipient = EphemeralRecipient()
+    nonce = broker.workload.nonce()["nonce"]
+    body = json.dumps(
+        {
+            "evidence": base64.b64encode(_evidence(recipient, nonce)).decode(),
+            "nonce": nonce,
+            "public_key": base64.b64encode(recipient.public_key).decode(),
+        }
+    ).encode()
+    path = "/v1/keys/customers/release"
+    signing_key = derive_signing_key(base64.b64decode(broker.workload_key))
+    headers = sign_request(broker.workload.app_id, signing_key, "POST", path, body, now=datetime.now(UTC))
+    headers["content-type"] = "application/json"
+    refused = broker.http.post(path, content=body, headers=headers)
+    assert (refused.status_code, refused.json()["error"]) == (403, "policy_refused")
+    replay = broker.http.post(path, content=body, headers=headers)
+    assert (replay.status_code, replay.json()["error"]) == (401, "replayed_request")
+    events = [(e.event, e.detail.get("reason")) for e in broker.store.iter_audit()]
+    assert events[-2:] == [("release.refused", "policy_refused"), ("auth.refused", "replayed_request")]
+    assert verify_audit_chain(broker.store).ok
+
+
+def test_every_refusal_is_audited_exactly_once(broker: Broker) -> None:
+    _setup_key(broker, policy=OTHER_POLICY)
+    with pytest.raises(AttestationError):  # POST /v1/attest runs in a worker thread
+        broker.workload.attest(b"not evidence", broker.workload.nonce()["nonce"])
+    recipient = EphemeralRecipient()
+    nonce = broker.workload.nonce()["nonce"]
+    with pytest.raises(BrokerRefused):  # the release runs on the event loop
+        broker.workload.release("customers", _evidence(recipient, nonce), nonce, recipient.public_key)
+    with pytest.raises(BrokerAuthError):
+        broker.client(broker.workload.app_id, base64.b64encode(b"w" * 32).decode()).nonce()
+    refusals = [e.event for e in broker.store.iter_audit() if e.event.endswith(".refused")]
+    assert sorted(refusals) == ["attest.refused", "auth.refused", "release.refused"]
+    assert verify_audit_chain(broker.store).ok
+
+
 def test_disabling_an_app_takes_effect_at_once(broker: Broker) -> None:
     assert broker.owner.list_keys() == []  # the owner's key is now cached
     broker.store.disable_app(broker.owner.app_id)

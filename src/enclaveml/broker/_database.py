@@ -10,9 +10,18 @@ up front, so every write transaction — audit appends included — is serialise
 fails half-way on a lock upgrade. In-memory databases are refused: each pooled connection
 would see a different, empty one.
 
+Before ``BEGIN IMMEDIATE``, the store's writers queue on :class:`SqliteWriterLock`: a
+thread lock, then ``flock`` on ``<database>-writer.lock`` (mode 0600) for writers in other
+processes (``serve_workers``). SQLite's busy handler *sleeps* between tries (1, 2, 5, ...
+up to 100 ms) and made waiting writers miss their turn; a blocked ``flock`` wakes as soon as
+it is released. Writers that do not take it (another program) still meet the busy timeout.
+
 PostgreSQL (``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``): psycopg 3,
-``READ COMMITTED``, connections checked before use. Writers are serialised only where
-they must be (the audit append takes ``pg_advisory_xact_lock``, ``audit.py``).
+``READ COMMITTED``, connections checked before use. Every write transaction of the store
+takes ``pg_advisory_xact_lock(AUDIT_LOCK_ID)`` first (:func:`lock_writers`): nearly every
+write appends to the audit chain, which must be serialised anyway (``audit.py``), and one
+lock taken before any row lock gives all writers one lock order, so the group commit's
+batches (``_group_commit.py``) and a revocation never deadlock.
 
 Bound parameters are hidden from SQLAlchemy's error messages and logs: they include sealed
 key material and api key hashes.
@@ -20,23 +29,41 @@ key material and api key hashes.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session
 
+from enclaveml.broker._dbapi import WriteBatch
+from enclaveml.broker._group_commit import GroupCommit
+from enclaveml.broker.audit import AUDIT_LOCK_ID
 from enclaveml.broker.root_key import RootKey
 from enclaveml.errors import ConfigError
 
-__all__ = ["WRITE_OPTION", "StoreCore", "as_utc", "create_broker_engine", "insert_ignore", "redacted_url", "table_of"]
+__all__ = [
+    "WRITE_OPTION",
+    "SqliteWriterLock",
+    "StoreCore",
+    "as_utc",
+    "create_broker_engine",
+    "insert_ignore",
+    "lock_writers",
+    "redacted_url",
+    "table_of",
+]
+
+T = TypeVar("T")
+_WRITER_LOCK = text("SELECT pg_advisory_xact_lock(:id)")
 
 WRITE_OPTION = "enclaveml_broker_write"
 _BUSY_TIMEOUT_S = 30
@@ -108,6 +135,45 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
+class SqliteWriterLock:
+    """The store's SQLite writers, one at a time across threads and processes (module docstring)."""
+
+    def __init__(self, database: str) -> None:
+        self._path = f"{database}-writer.lock"
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def _file(self) -> int:
+        """This process's own open file: a lock file opened before a fork would be one lock for both."""
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def __enter__(self) -> SqliteWriterLock:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+
 def _postgresql_engine(url: URL) -> Engine:
     if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
         raise ConfigError(f"unsupported PostgreSQL driver {url.drivername!r}", "use postgresql+psycopg:// (psycopg 3)")
@@ -118,6 +184,13 @@ def _postgresql_engine(url: URL) -> Engine:
         max_overflow=16,
         hide_parameters=True,
     )
+
+
+def lock_writers(session: Session) -> None:
+    """First thing in a write transaction on PostgreSQL: the writers' advisory lock (module docstring)."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(_WRITER_LOCK, {"id": AUDIT_LOCK_ID})
 
 
 def as_utc(now: datetime | None) -> datetime:
@@ -151,12 +224,21 @@ class StoreCore:
     _root: RootKey
     _url: str
     _request_local: threading.local
+    _group: GroupCommit
 
     def _write(self) -> AbstractContextManager[Session]:
         """A write transaction (SQLite: ``BEGIN IMMEDIATE``)."""
         raise NotImplementedError
 
     def _read(self) -> AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def _commit(self, job: Callable[[WriteBatch], T]) -> T:
+        """Run ``job`` in the group commit's next transaction (``_group_commit.py``); its result once committed."""
+        raise NotImplementedError
+
+    def _open_version(self, key_id: str, version: int, sealed: bytes | None) -> bytes:
+        """A key version's material, unsealed by the root key (``BrokerKms``)."""
         raise NotImplementedError
 
     def _audit(self, session: Session, event: str, actor: str, subject: str, at: datetime, **detail: Any) -> None:

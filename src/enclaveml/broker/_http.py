@@ -1,19 +1,31 @@
 """Plumbing shared by the broker's routes: signed requests, roles, JSON errors, metrics.
 
-Every ``/v1`` route but health is an :func:`endpoint`: it reads the raw body, then, in a
-worker thread (the store is synchronous), checks the request signature
-(``auth.verify_request`` with the store's cached signing keys) and the caller's role, runs
-the handler inside ``store.request_scope`` (which records the request's nonce in the
-handler's first write transaction and refuses a replay) and turns any error into the
-contract's JSON error
-``{"error", "message", "hint"}``. Every authentication or role refusal is audited
-(``store.record_refusal``); handlers audit their own refusals through :meth:`BrokerContext.refuse`.
+Every ``/v1`` route but health is an :func:`endpoint`: it reads the raw body, checks the
+request signature (``auth.verify_request`` with the store's cached signing keys) and the
+caller's role, runs the handler, and turns any error into the contract's JSON error
+``{"error", "message", "hint"}``. Refusals are audited before they are answered: a handler
+raises :meth:`BrokerContext.refuse`'s ``ApiError``, which carries the audit entry
+(``Refusal``), and the endpoint records it (``store.record_refusal``), as it does every
+authentication or role refusal.
+
+Two kinds of handler:
+
+- plain functions (the owner and admin API) run in a worker thread, since the store's
+  methods block, inside ``store.request_scope``, which records the request's nonce in the
+  handler's first write transaction and refuses a replay;
+- coroutines (the workload's hot routes, ``routes_release.py``) run on the event loop: they
+  do their checks, then await one group commit (``store.commit_async``) holding the
+  request's nonce, the outcome and its audit entry. No thread hand-over per request and no
+  contention for the GIL between worker threads: that was a third of the broker's CPU per
+  key release (docs/performance.md). Database reads on their path are cached
+  (``store.py``); a cache miss is read in a worker thread.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import logging
 import threading
@@ -21,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -30,6 +42,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from enclaveml.attestation.collateral_source import CollateralSource
+from enclaveml.broker._dbapi import WriteBatch
+from enclaveml.broker._nonces import RequestNonce
 from enclaveml.broker.auth import HEADER_APP, SignedRequest, verify_request
 from enclaveml.broker.models import App, IssuedNonce, Role
 from enclaveml.broker.store import BrokerStore, ReleaseRefused, ReplayedRequest
@@ -44,19 +58,65 @@ from enclaveml.errors import (
     PolicyError,
 )
 
-__all__ = ["ApiError", "BrokerContext", "Call", "Metrics", "b64_field", "endpoint", "error_response", "str_field"]
+__all__ = [
+    "ApiError",
+    "AsyncHandler",
+    "BrokerContext",
+    "Call",
+    "Handler",
+    "Metrics",
+    "Refusal",
+    "b64_field",
+    "endpoint",
+    "error_response",
+    "str_field",
+]
 
 logger = logging.getLogger("enclaveml.broker")
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class ApiError(Exception):
-    """An answer other than 2xx: ``status`` and the contract's ``error``/``message``/``hint``."""
+@dataclass(frozen=True)
+class Refusal:
+    """The audit entry of a refusal (``store.record_refusal``'s arguments), recorded before the answer."""
 
-    def __init__(self, status: int, error: str, message: str, hint: str = "") -> None:
+    action: str
+    actor: str
+    subject: str
+    reason: str
+    now: datetime
+    detail: Mapping[str, Any] | None = None
+    nonce: IssuedNonce | None = None
+
+    def record(self, store: BrokerStore) -> None:
+        store.record_refusal(**self._arguments())
+
+    def job(self, store: BrokerStore) -> Callable[[WriteBatch], None]:
+        return store.refusal_job(**self._arguments())
+
+    def _arguments(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "actor": self.actor,
+            "subject": self.subject,
+            "reason": self.reason,
+            "detail": self.detail,
+            "now": self.now,
+            "nonce": self.nonce,
+        }
+
+
+class ApiError(Exception):
+    """An answer other than 2xx: ``status`` and the contract's ``error``/``message``/``hint``.
+
+    ``audit``: the refusal to record before answering (``BrokerContext.refuse``).
+    """
+
+    def __init__(self, status: int, error: str, message: str, hint: str = "", *, audit: Refusal | None = None) -> None:
         super().__init__(message)
         self.status, self.error, self.message, self.hint = status, error, message, hint
+        self.audit = audit
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.error, self.message, self.hint)
@@ -154,11 +214,10 @@ class BrokerContext:
         detail: Mapping[str, Any] | None = None,
         nonce: IssuedNonce | None = None,
     ) -> ApiError:
-        """Audit ``<action>.refused`` (marking ``nonce`` used with it) and return the error to raise."""
-        self.store.record_refusal(
-            action, actor=caller, subject=subject, reason=reason, detail=detail, now=now, nonce=nonce
-        )
-        return ApiError(status, reason, message, hint)
+        """The error to raise; the endpoint audits ``<action>.refused`` (marking ``nonce`` used with it)
+        before it answers."""
+        audit = Refusal(action, caller, subject, reason, now, detail, nonce)
+        return ApiError(status, reason, message, hint, audit=audit)
 
 
 @dataclass
@@ -169,6 +228,7 @@ class Call:
     body: bytes
     caller: App
     now: datetime
+    request_nonce: RequestNonce | None = None  # coroutine handlers: give it to store.commit_async
 
     def param(self, name: str) -> str:
         return str(self.request.path_params[name])
@@ -286,40 +346,131 @@ def api_error_for(exc: EnclaveMLError) -> ApiError:
     return ApiError(500, "internal_error", exc.what, exc.hint)
 
 
-Handler = Callable[[BrokerContext, Call], "dict[str, Any] | list[Any] | tuple[int, dict[str, Any]]"]
+Result: TypeAlias = "dict[str, Any] | list[Any] | tuple[int, dict[str, Any]]"
+Handler = Callable[[BrokerContext, Call], Result]
+AsyncHandler = Callable[[BrokerContext, Call], Awaitable[Result]]
 
 
-def _run(ctx: BrokerContext, request: Request, body: bytes, roles: Collection[Role], handler: Handler) -> Response:
-    now = ctx.now_fn()
-    try:
-        caller, signed = authenticate(ctx, request, body, now, roles)
-        with ctx.store.request_scope(signed.app_id, signed.nonce, signed.expires):
-            result = handler(ctx, Call(request, body, caller, now))
-    except ReplayedRequest as exc:
-        detail = {"method": request.method, "path": _signed_path(request)[:200]}
-        actor = caller.app_id
-        refusal = ctx.refuse("auth", actor, actor, 401, "replayed_request", exc.what, exc.hint, now=now, detail=detail)
-        return refusal.response()
-    except ApiError as exc:
-        return exc.response()
-    except EnclaveMLError as exc:
-        return api_error_for(exc).response()
-    except Exception:
-        logger.exception("broker: internal error in %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error", "see the broker's log")
+def _answer(result: Any) -> Response:
     status, payload = result if isinstance(result, tuple) else (200, result)
     return JSONResponse(payload, status_code=status)
 
 
+def _replayed(ctx: BrokerContext, request: Request, caller: App, exc: ReplayedRequest, now: datetime) -> ApiError:
+    detail = {"method": request.method, "path": _signed_path(request)[:200]}
+    actor = caller.app_id
+    return ctx.refuse("auth", actor, actor, 401, "replayed_request", exc.what, exc.hint, now=now, detail=detail)
+
+
+def _error_answer(exc: Exception, request: Request) -> Response:
+    if isinstance(exc, ApiError):
+        return exc.response()
+    if isinstance(exc, EnclaveMLError):
+        return api_error_for(exc).response()
+    logger.error("broker: internal error in %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error", "see the broker's log")
+
+
+def _run(ctx: BrokerContext, request: Request, body: bytes, roles: Collection[Role], handler: Handler) -> Response:
+    """A plain handler, in a worker thread (module docstring)."""
+    now = ctx.now_fn()
+    caller: App | None = None
+    try:
+        caller, signed = authenticate(ctx, request, body, now, roles)
+        with ctx.store.request_scope(signed.app_id, signed.nonce, signed.expires):
+            try:
+                result = handler(ctx, Call(request, body, caller, now))
+            except ApiError as exc:
+                audit, exc.audit = exc.audit, None
+                if audit is not None:  # in the scope: the request's nonce goes in with it
+                    audit.record(ctx.store)
+                raise
+    except ReplayedRequest as exc:
+        assert caller is not None
+        refusal = _replayed(ctx, request, caller, exc, now)
+        return _recorded(ctx, refusal).response()
+    except ApiError as exc:
+        return _recorded(ctx, exc).response()
+    except Exception as exc:
+        return _error_answer(exc, request)
+    return _answer(result)
+
+
+def _recorded(ctx: BrokerContext, exc: ApiError) -> ApiError:
+    """``exc`` once its refusal (if not recorded yet) is in the audit log."""
+    if exc.audit is not None:
+        audit, exc.audit = exc.audit, None
+        audit.record(ctx.store)
+    return exc
+
+
+async def _run_async(
+    ctx: BrokerContext, request: Request, body: bytes, roles: Collection[Role], handler: AsyncHandler
+) -> Response:
+    """A coroutine handler, on the event loop (module docstring)."""
+    now = ctx.now_fn()
+    caller: App | None = None
+    try:
+        claimed = request.headers.get(HEADER_APP, "")
+        if claimed and not ctx.store.app_is_cached(claimed):  # read it in a thread, not on the loop
+            await run_in_threadpool(ctx.store.find_app, claimed)
+        caller, signed = authenticate(ctx, request, body, now, roles)
+        nonce = ctx.store.request_nonce(signed.app_id, signed.nonce, signed.expires)
+        try:
+            result = await handler(ctx, Call(request, body, caller, now, nonce))
+        except ApiError as exc:
+            audit, exc.audit = exc.audit, None
+            if audit is not None:  # with the request's nonce, if not recorded yet
+                await ctx.store.commit_async(audit.job(ctx.store), nonce)
+            elif not nonce.recorded:
+                await ctx.store.commit_async(_nothing, nonce)
+            raise
+        except Exception:
+            if not nonce.recorded and not nonce.replayed:
+                await ctx.store.commit_async(_nothing, nonce)
+            raise
+        if not nonce.recorded:  # a handler that committed nothing
+            await ctx.store.commit_async(_nothing, nonce)
+    except ReplayedRequest as exc:
+        assert caller is not None
+        refusal = _replayed(ctx, request, caller, exc, now)
+        return (await _recorded_async(ctx, refusal)).response()
+    except ApiError as exc:
+        return (await _recorded_async(ctx, exc)).response()
+    except Exception as exc:
+        return _error_answer(exc, request)
+    return _answer(result)
+
+
+def _nothing(batch: WriteBatch) -> None:
+    """A job that only carries the request's nonce."""
+
+
+async def _recorded_async(ctx: BrokerContext, exc: ApiError) -> ApiError:
+    if exc.audit is not None:
+        audit, exc.audit = exc.audit, None
+        await ctx.store.commit_async(audit.job(ctx.store))
+    return exc
+
+
 def endpoint(
-    ctx: BrokerContext, route: str, roles: Collection[Role], handler: Handler
+    ctx: BrokerContext, route: str, roles: Collection[Role], handler: Handler | AsyncHandler
 ) -> Callable[[Request], Awaitable[Response]]:
-    """An ASGI endpoint: signed request, role check, handler in a worker thread, metrics."""
+    """An ASGI endpoint: signed request, role check, the handler (module docstring), metrics."""
+    if inspect.iscoroutinefunction(handler):
+        on_loop = cast(AsyncHandler, handler)
+
+        async def dispatch(request: Request, body: bytes) -> Response:
+            return await _run_async(ctx, request, body, roles, on_loop)
+    else:
+        in_thread = cast(Handler, handler)
+
+        async def dispatch(request: Request, body: bytes) -> Response:
+            return await run_in_threadpool(_run, ctx, request, body, roles, in_thread)
 
     async def run(request: Request) -> Response:
         started = time.perf_counter()
-        body = await request.body()
-        response = await run_in_threadpool(_run, ctx, request, body, roles, handler)
+        response = await dispatch(request, await request.body())
         error = None
         if response.status_code >= 400 and isinstance(response, JSONResponse):
             error = str(json.loads(bytes(response.body)).get("error", ""))

@@ -28,19 +28,22 @@ import hmac
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
 from enclaveml.broker._database import StoreCore, as_utc, insert_ignore, table_of
+from enclaveml.broker._dbapi import WriteBatch
 from enclaveml.broker.models import IssuedNonce, NonceRow
 from enclaveml.errors import AttestationError, AuthError
 
-__all__ = ["REQUEST_NONCE_PURPOSE", "BrokerNonces", "ReplayedRequest"]
+__all__ = ["REQUEST_NONCE_PURPOSE", "BrokerNonces", "ReplayedRequest", "RequestNonce", "nonce_error"]
 
+T = TypeVar("T")
 REQUEST_NONCE_PURPOSE = "request"
 _PURPOSE_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _MAC_LABEL = b"enclaveml broker nonce v1\x00"
@@ -55,13 +58,23 @@ class ReplayedRequest(AuthError):
 
 
 @dataclass
-class _PendingNonce:
-    """The current request's nonce, until a committed transaction has recorded it."""
+class RequestNonce:
+    """A signed request's nonce, until a committed transaction has recorded it.
+
+    ``BrokerStore.request_scope`` keeps one per thread for the store's synchronous methods;
+    the HTTP API's coroutines pass theirs to ``BrokerStore.commit_async``.
+    """
 
     value: str
     expires_at: datetime
     recorded: bool = False
     replayed: bool = False
+
+
+def nonce_error(reason: str, purpose: str) -> AttestationError:
+    """The refusal of an attestation nonce (``unknown_nonce``, ``reused_nonce``, ``stale_nonce``)."""
+    what = {"unknown_nonce": "was never issued", "reused_nonce": "was already used", "stale_nonce": "expired"}
+    return AttestationError(reason, f"the {purpose} nonce {what[reason]}", "ask the broker for a fresh nonce")
 
 
 def _request_nonce_value(app_id: str, nonce: str) -> str:
@@ -74,6 +87,17 @@ def _expiry(expires: datetime | int) -> datetime:
 
 def _micros(at: datetime) -> int:
     return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _after_request_nonce(pending: RequestNonce, job: Callable[[WriteBatch], T]) -> Callable[[WriteBatch], T]:
+    """``job``, after recording the request's nonce in the same transaction (a conflict: ``ReplayedRequest``)."""
+
+    def recorded_first(batch: WriteBatch) -> T:
+        if not batch.insert_nonce(REQUEST_NONCE_PURPOSE, pending.value, pending.expires_at):
+            raise ReplayedRequest
+        return job(batch)
+
+    return recorded_first
 
 
 class BrokerNonces(StoreCore):
@@ -112,16 +136,26 @@ class BrokerNonces(StoreCore):
             return "unknown_nonce", None
         return ("stale_nonce" if expires_at <= ts else None), expires_at
 
-    def _burn_nonce(self, session: Session, nonce: IssuedNonce) -> bool:
-        """Mark ``nonce`` used in ``session``'s transaction; False if it already was."""
-        row = {"purpose": nonce.purpose, "value": nonce.value, "expires_at": nonce.expires_at, "used": True}
-        return insert_ignore(session, NonceRow, **row)
+    def _burn_nonce(self, batch: WriteBatch, nonce: IssuedNonce) -> bool:
+        """Mark ``nonce`` used in ``batch``'s transaction; False if it already was."""
+        return batch.insert_nonce(nonce.purpose, nonce.value, nonce.expires_at)
 
-    def _nonce_refused(self, session: Session, reason: str, purpose: str, actor: str, ts: datetime) -> AttestationError:
-        """Audit ``nonce.refused`` in ``session``; the error to raise once it commits."""
-        self._audit(session, "nonce.refused", actor, purpose, ts, reason=reason)
-        what = {"unknown_nonce": "was never issued", "reused_nonce": "was already used", "stale_nonce": "expired"}
-        return AttestationError(reason, f"the {purpose} nonce {what[reason]}", "ask the broker for a fresh nonce")
+    def _nonce_refused(
+        self, batch: WriteBatch, reason: str, purpose: str, actor: str, ts: datetime
+    ) -> AttestationError:
+        """Audit ``nonce.refused`` in ``batch``; the error to raise once it commits."""
+        batch.append_audit("nonce.refused", actor, purpose, ts, reason=reason)
+        return nonce_error(reason, purpose)
+
+    def check_nonce_unaudited(
+        self, value: str, purpose: str, now: datetime | None = None
+    ) -> tuple[IssuedNonce | None, str | None]:
+        """``check_nonce`` without writing: ``(nonce, None)``, or ``(None, reason)`` for the caller to audit
+        (``record_refusal("nonce", subject=purpose, reason=...)`` is the entry ``check_nonce`` writes)."""
+        reason, expires_at = self._nonce_refusal(value, purpose, as_utc(now))
+        if reason is None and expires_at is not None:
+            return IssuedNonce(value, purpose, expires_at), None
+        return None, reason or "unknown_nonce"
 
     def check_nonce(
         self, value: str, purpose: str, now: datetime | None = None, *, actor: str = "anonymous"
@@ -133,12 +167,10 @@ class BrokerNonces(StoreCore):
         ``record_refusal(nonce=...)``), so the outcome and the nonce commit together.
         """
         ts = as_utc(now)
-        reason, expires_at = self._nonce_refusal(value, purpose, ts)
-        if reason is None and expires_at is not None:
-            return IssuedNonce(value, purpose, expires_at)
-        with self._write() as session:
-            error = self._nonce_refused(session, reason or "unknown_nonce", purpose, actor, ts)
-        raise error
+        nonce, reason = self.check_nonce_unaudited(value, purpose, ts)
+        if nonce is not None:
+            return nonce
+        raise self._commit(lambda batch: self._nonce_refused(batch, reason or "unknown_nonce", purpose, actor, ts))
 
     def consume_nonce(self, value: str, purpose: str, now: datetime | None = None, *, actor: str = "anonymous") -> None:
         """Use a nonce once, atomically across threads and processes; else ``AttestationError``.
@@ -147,13 +179,17 @@ class BrokerNonces(StoreCore):
         """
         ts = as_utc(now)
         reason, expires_at = self._nonce_refusal(value, purpose, ts)
-        with self._write() as session:
+
+        def use(batch: WriteBatch) -> AttestationError | None:
             if reason is None and expires_at is not None:
-                if self._burn_nonce(session, IssuedNonce(value, purpose, expires_at)):
-                    return
-                reason = "reused_nonce"
-            error = self._nonce_refused(session, reason or "unknown_nonce", purpose, actor, ts)
-        raise error
+                if self._burn_nonce(batch, IssuedNonce(value, purpose, expires_at)):
+                    return None
+                return self._nonce_refused(batch, "reused_nonce", purpose, actor, ts)
+            return self._nonce_refused(batch, reason or "unknown_nonce", purpose, actor, ts)
+
+        error = self._commit(use)
+        if error is not None:
+            raise error
 
     def remember_request_nonce(self, app_id: str, nonce: str, expires: datetime | int) -> bool:
         """Record a signed request's nonce; False if this app used it before (a replay).
@@ -161,41 +197,81 @@ class BrokerNonces(StoreCore):
         ``expires`` (a datetime or seconds since the epoch) must outlast the signature's clock
         window: expired rows may be purged, and after that only the window refuses a replay.
         """
-        with self._write() as session:
-            return self._insert_request_nonce(session, _request_nonce_value(app_id, nonce), _expiry(expires))
+        value, expires_at = _request_nonce_value(app_id, nonce), _expiry(expires)
+        return self._commit(lambda batch: batch.insert_nonce(REQUEST_NONCE_PURPOSE, value, expires_at))
 
     def _insert_request_nonce(self, session: Session, value: str, expires_at: datetime) -> bool:
-        return self._burn_nonce(session, IssuedNonce(value, REQUEST_NONCE_PURPOSE, expires_at))
+        """The request nonce in a SQLAlchemy write transaction (``BrokerStore._write``)."""
+        row = {"purpose": REQUEST_NONCE_PURPOSE, "value": value, "expires_at": expires_at, "used": True}
+        return insert_ignore(session, NonceRow, **row)
 
     @contextmanager
     def request_scope(self, app_id: str, nonce: str, expires: datetime | int) -> Iterator[None]:
         """Run one signed request (in this thread); its nonce is recorded once, or ``ReplayedRequest``.
 
-        The nonce rides in the request's first write transaction (``BrokerStore._write``),
-        so a replay is refused before it changes anything.
+        The nonce rides in the request's first write transaction (``BrokerStore._commit`` or
+        ``BrokerStore._write``), so a replay is refused before it changes anything.
         A request that commits no write (reads only, or its writes rolled back) records the
         nonce in its own transaction when the scope ends; a replayed read-only request is
         thus refused after the reads, before its answer is sent.
         """
-        pending = _PendingNonce(_request_nonce_value(app_id, nonce), _expiry(expires))
+        pending = self.request_nonce(app_id, nonce, expires)
         self._request_local.pending = pending
         try:
             yield
         finally:
             self._request_local.pending = None
             if not pending.recorded and not pending.replayed:
-                with self._write() as session:
-                    if not self._insert_request_nonce(session, pending.value, pending.expires_at):
-                        raise ReplayedRequest
+                value, expires_at = pending.value, pending.expires_at
+                if not self._commit(lambda batch: batch.insert_nonce(REQUEST_NONCE_PURPOSE, value, expires_at)):
+                    raise ReplayedRequest
 
-    def _pending_request_nonce(self) -> _PendingNonce | None:
+    def request_nonce(self, app_id: str, nonce: str, expires: datetime | int) -> RequestNonce:
+        """A signed request's nonce, to record with the request's first write (``commit_async``)."""
+        return RequestNonce(_request_nonce_value(app_id, nonce), _expiry(expires))
+
+    def _commit(self, job: Callable[[WriteBatch], T]) -> T:
+        """``job``'s result once the group commit's transaction that ran it committed.
+
+        The current signed request's nonce (``request_scope``), if pending, goes in first, in the same job.
+        """
+        if getattr(self._request_local, "writing", False):  # its lock is ours: the writer would wait forever
+            raise RuntimeError("the group commit cannot be used inside a SQLAlchemy write transaction")
+        pending = self._pending_request_nonce()
+        if pending is None:
+            return self._group.run(job)
+        try:
+            result = self._group.run(_after_request_nonce(pending, job))
+        except ReplayedRequest:
+            pending.replayed = True
+            raise
+        pending.recorded = True
+        return result
+
+    async def commit_async(self, job: Callable[[WriteBatch], T], request_nonce: RequestNonce | None = None) -> T:
+        """``_commit`` for coroutines on an event loop: awaits the group commit, blocks nothing.
+
+        ``request_nonce`` (``request_nonce()``), unless already recorded, goes in first, in the
+        same job; a replay raises ``ReplayedRequest`` and ``job`` does not run.
+        """
+        if request_nonce is None or request_nonce.recorded:
+            return await self._group.run_async(job)
+        try:
+            result = await self._group.run_async(_after_request_nonce(request_nonce, job))
+        except ReplayedRequest:
+            request_nonce.replayed = True
+            raise
+        request_nonce.recorded = True
+        return result
+
+    def _pending_request_nonce(self) -> RequestNonce | None:
         """The current request's nonce if no committed transaction has recorded it yet.
 
-        ``BrokerStore._write`` inserts it first thing (``_insert_request_nonce``; a conflict is
-        a replay: mark ``replayed``, raise ``ReplayedRequest``) and marks it ``recorded``
+        ``BrokerStore._commit`` and ``BrokerStore._write`` insert it first thing (a conflict is
+        a replay: mark ``replayed``, raise ``ReplayedRequest``) and mark it ``recorded``
         after the commit.
         """
-        pending: _PendingNonce | None = getattr(self._request_local, "pending", None)
+        pending: RequestNonce | None = getattr(self._request_local, "pending", None)
         return pending if pending is not None and not pending.recorded else None
 
     def purge_expired_nonces(self, now: datetime | None = None) -> int:

@@ -15,11 +15,14 @@ the table; the seal also shows a chain that was *recomputed* after an edit, unle
 editor had the root key. Deleting entries from the end leaves a shorter valid chain:
 compare ``AuditReport.head_seq`` / ``head_hash`` with a value recorded elsewhere.
 
-``detail`` holds names, ids, versions and reasons — never key material; ``append_audit``
+``detail`` holds names, ids, versions and reasons — never key material; ``next_entry``
 refuses bytes outright. Appends are serialised so concurrent writers never fork the
 chain: on SQLite every write transaction already holds the one write lock (``BEGIN
-IMMEDIATE``); on PostgreSQL the append takes ``pg_advisory_xact_lock``, released at commit.
-Either way the entry commits or rolls back with the change it records.
+IMMEDIATE``); on PostgreSQL every write transaction takes ``pg_advisory_xact_lock`` first,
+released at commit. Either way the chain's head is read inside the transaction that
+appends, and the entry commits or rolls back with the change it records. ``append_audit``
+appends in an ORM session; the group commit (``_group_commit.py``) appends several entries
+in one transaction, keeping the head in memory between them (``next_entry``).
 """
 
 from __future__ import annotations
@@ -41,10 +44,20 @@ from enclaveml.broker.root_key import RootKey
 if TYPE_CHECKING:
     from enclaveml.broker.store import BrokerStore
 
-__all__ = ["GENESIS_HASH", "AuditEntry", "AuditReport", "append_audit", "check_audit_chain", "verify_audit_chain"]
+__all__ = [
+    "AUDIT_LOCK_ID",
+    "GENESIS_HASH",
+    "AuditEntry",
+    "AuditReport",
+    "ChainHead",
+    "append_audit",
+    "check_audit_chain",
+    "next_entry",
+    "verify_audit_chain",
+]
 
 GENESIS_HASH = bytes(32)
-_AUDIT_LOCK_ID = 0x656E636D_61756474  # "encm" "audt"
+AUDIT_LOCK_ID = 0x656E636D_61756474  # "encm" "audt": PostgreSQL's advisory lock for writers
 _ACTOR_MAX, _SUBJECT_MAX = 128, 256
 _COLUMNS = ("seq", "at", "event", "actor", "subject", "prev_hash", "hash", "seal")
 # Built once: constructing statements per append was a measurable part of a key release.
@@ -95,6 +108,38 @@ class AuditEntry:
         return cls(row.seq, row.at, row.event, row.actor, row.subject, row.detail, row.prev_hash, row.hash, row.seal)
 
 
+@dataclass(frozen=True)
+class ChainHead:
+    """The newest entry's ``seq`` and hash (0 and ``GENESIS_HASH`` for an empty log)."""
+
+    seq: int
+    hash: bytes
+
+    @classmethod
+    def of(cls, row: tuple[int, str] | None) -> ChainHead:
+        """From the ``(seq, hash hex)`` of the newest row, or None."""
+        return cls(0, GENESIS_HASH) if row is None else cls(int(row[0]), bytes.fromhex(row[1]))
+
+
+def next_entry(
+    head: ChainHead,
+    root: RootKey,
+    *,
+    event: str,
+    actor: str,
+    subject: str,
+    detail: Mapping[str, Any],
+    at: datetime,
+) -> AuditEntry:
+    """The entry that follows ``head`` (hashed and sealed); the caller inserts it."""
+    detail_text = canonical_json(dict(detail)).decode()  # TypeError on bytes: key material never gets in
+    actor, subject = actor[:_ACTOR_MAX], subject[:_SUBJECT_MAX]
+    seq = head.seq + 1
+    digest = entry_hash(head.hash, seq, at, event, actor, subject, json.loads(detail_text))
+    seal = root.audit_seal(digest).hex()
+    return AuditEntry(seq, at, event, actor, subject, detail_text, head.hash.hex(), digest.hex(), seal)
+
+
 def append_audit(
     session: Session,
     root: RootKey,
@@ -106,18 +151,13 @@ def append_audit(
     at: datetime,
 ) -> AuditEntry:
     """Append one entry in ``session``'s (write) transaction; it commits with the change."""
-    detail_text = canonical_json(dict(detail)).decode()  # TypeError on bytes: key material never gets in
-    actor, subject = actor[:_ACTOR_MAX], subject[:_SUBJECT_MAX]
-    conn = session.connection()  # Core on a connection, not ORM execution: the release hot path
-    if conn.dialect.name == "postgresql":
-        conn.execute(_ADVISORY_LOCK, {"id": _AUDIT_LOCK_ID})
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":  # already held by the store's writers; taken again for other callers
+        conn.execute(_ADVISORY_LOCK, {"id": AUDIT_LOCK_ID})
     last = conn.execute(_LAST_ENTRY).first()
-    seq = 1 if last is None else last.seq + 1
-    prev = GENESIS_HASH if last is None else bytes.fromhex(last.hash)
-    digest = entry_hash(prev, seq, at, event, actor, subject, json.loads(detail_text))
-    seal = root.audit_seal(digest).hex()
-    entry = AuditEntry(seq, at, event, actor, subject, detail_text, prev.hex(), digest.hex(), seal)
-    conn.execute(_INSERT_ENTRY, {name: getattr(entry, name) for name in _COLUMNS} | {"detail": detail_text})
+    head = ChainHead.of(None if last is None else (last.seq, last.hash))
+    entry = next_entry(head, root, event=event, actor=actor, subject=subject, detail=detail, at=at)
+    conn.execute(_INSERT_ENTRY, {name: getattr(entry, name) for name in _COLUMNS} | {"detail": entry.detail_json})
     return entry
 
 

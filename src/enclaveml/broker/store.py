@@ -6,6 +6,13 @@ is one transaction; every enrollment, key creation and rotation, policy change, 
 release and refusal appends its audit entry (``audit.py``) *in the same transaction*, so
 the log and the state never disagree, even after ``kill -9``.
 
+Two write paths: the owner and admin methods write through SQLAlchemy sessions
+(``_write``); the workload's hot path — nonces, key releases, refusals — runs prebuilt
+statements on the driver (``_dbapi.py``) in the group commit (``_group_commit.py``,
+``_commit``), which commits the writes of concurrent requests in one transaction and
+answers none before it committed. Both hold the same locks (SQLite: one in-process lock,
+then ``BEGIN IMMEDIATE``; PostgreSQL: the writers' advisory lock).
+
 It implements the :class:`~enclaveml.kms.KeyManagementService` protocol server-side (kms
 name ``broker``, wrapped data keys in the local KMS's format, ``crypto/_keywrap.py``).
 
@@ -25,12 +32,12 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError as DatabaseIntegrityError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,14 +46,18 @@ from enclaveml.attestation.policy import Policy
 from enclaveml.broker._cache import ExpiringCache
 from enclaveml.broker._database import (
     WRITE_OPTION,
+    SqliteWriterLock,
     as_utc,
     create_broker_engine,
     insert_ignore,
+    lock_writers,
     redacted_url,
-    table_of,
 )
+from enclaveml.broker._dbapi import WriteBatch, sql_for
+from enclaveml.broker._group_commit import GroupCommit
 from enclaveml.broker._kms import BrokerKms
-from enclaveml.broker._nonces import REQUEST_NONCE_PURPOSE, BrokerNonces, ReplayedRequest
+from enclaveml.broker._nonces import REQUEST_NONCE_PURPOSE, ReplayedRequest
+from enclaveml.broker._release import BrokerRelease, ReleaseRefused
 from enclaveml.broker.audit import AuditEntry, append_audit
 from enclaveml.broker.auth import derive_signing_key
 from enclaveml.broker.migrations import upgrade_to_head
@@ -56,8 +67,6 @@ from enclaveml.broker.models import (
     AuditRow,
     EnrolledApp,
     IssuedNonce,
-    KeyRow,
-    KeyVersionRow,
     MetaRow,
     PolicyKeyRow,
     PolicyRecord,
@@ -67,7 +76,6 @@ from enclaveml.broker.models import (
 from enclaveml.broker.root_key import RootKey, derive_root_key
 from enclaveml.errors import AuthError, ConfigError, KeyServiceError, KeyStoreCorrupted, PolicyError
 from enclaveml.kms.local import SCRYPT_DEFAULT, ScryptParams
-from enclaveml.runtime.session import ReleasedKey
 
 __all__ = ["APP_CACHE_TTL_S", "REQUEST_NONCE_PURPOSE", "BrokerStore", "ReleaseRefused", "ReplayedRequest"]
 
@@ -76,15 +84,6 @@ _MAX_POLICY_TEXT = 64 * 1024
 _DUMMY_APP = "a-0000000000000000"
 APP_CACHE_TTL_S = 5.0
 _CACHE_MAX = 4096
-
-
-class ReleaseRefused(PolicyError):
-    """A key release was refused; ``reason`` is a stable code (``unknown_policy``,
-    ``policy_revoked``, ``unknown_key``, ``key_not_bound``)."""
-
-    def __init__(self, reason: str, what: str) -> None:
-        super().__init__(what, "register a policy that covers this key, or use the policy that does")
-        self.reason = reason
 
 
 @contextmanager
@@ -119,19 +118,7 @@ def _policy(session: Session, row: PolicyRow) -> PolicyRecord:
     return PolicyRecord(row.policy_id, row.name, row.document, row.revoked, row.created, tuple(sorted(keys)))
 
 
-def _release_refusal(policy_id: str, policy: Any, key_name: str, key: Any, bound: bool) -> ReleaseRefused | None:
-    if policy is None:
-        return ReleaseRefused("unknown_policy", f"no policy {policy_id!r}")
-    if policy.revoked:
-        return ReleaseRefused("policy_revoked", f"policy {policy.name} ({policy_id}) was revoked")
-    if key is None:
-        return ReleaseRefused("unknown_key", f"no key {key_name!r}")
-    if not bound:
-        return ReleaseRefused("key_not_bound", f"policy {policy.name} may not receive key {key.name}")
-    return None
-
-
-class BrokerStore(BrokerKms, BrokerNonces):
+class BrokerStore(BrokerKms, BrokerRelease):
     """The broker's database (module docstring). ``url``: ``sqlite:///PATH`` or ``postgresql://...``."""
 
     kms_name = "broker"
@@ -142,11 +129,21 @@ class BrokerStore(BrokerKms, BrokerNonces):
         self._engine = create_broker_engine(url)
         self._reads = sessionmaker(self._engine, expire_on_commit=False)
         self._writes = sessionmaker(self._engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
-        # SQLite has one writer: queue this process's writers here rather than in SQLite's
+        # SQLite has one writer: queue for it here (threads and processes), not in SQLite's
         # busy handler, which sleeps (up to 100 ms a try) instead of waking the next in line.
-        sqlite = self._engine.dialect.name == "sqlite"
-        self._write_lock: AbstractContextManager[object] = threading.Lock() if sqlite else nullcontext()
+        self._writer_lock = (
+            SqliteWriterLock(str(self._engine.url.database)) if self._engine.dialect.name == "sqlite" else None
+        )
+        self._write_lock: AbstractContextManager[object] = self._writer_lock or nullcontext()
         self._request_local = threading.local()
+        self._group = GroupCommit(
+            self._engine.raw_connection,
+            sql_for(self._engine.dialect.name),
+            self._root,
+            self._write_lock,
+            db_error=self._engine.dialect.loaded_dbapi.Error,
+            url=self._url,
+        )
         self._app_cache: ExpiringCache[str, tuple[App | None, bytes | None]] = ExpiringCache(_CACHE_MAX)
         self._policy_cache: ExpiringCache[tuple[str, bool], tuple[PolicyRecord, ...]] = ExpiringCache(_CACHE_MAX)
         # Unknown apps are checked against these, so they cost what a known app costs.
@@ -163,6 +160,12 @@ class BrokerStore(BrokerKms, BrokerNonces):
     @classmethod
     def from_passphrase(cls, url: str, passphrase: str, *, kdf: ScryptParams = SCRYPT_DEFAULT) -> BrokerStore:
         """Open a store whose root key is ``scrypt(passphrase)``; a new store records ``kdf`` and a salt."""
+        return cls(url, cls.passphrase_root_key(url, passphrase, kdf=kdf))
+
+    @staticmethod
+    def passphrase_root_key(url: str, passphrase: str, *, kdf: ScryptParams = SCRYPT_DEFAULT) -> bytes:
+        """The root key ``from_passphrase`` derives (migrating the store and recording ``kdf`` if new),
+        for opening the store in several processes with one derivation."""
         engine = create_broker_engine(url)
         try:
             with _reachable(redacted_url(url)):
@@ -177,7 +180,7 @@ class BrokerStore(BrokerKms, BrokerNonces):
             params, salt = ScryptParams(doc["log_n"], doc["r"], doc["p"]), base64.b64decode(doc["salt"])
         except (ValueError, TypeError, KeyError):
             raise KeyStoreCorrupted(f"broker store {redacted_url(url)} has a damaged root_kdf setting") from None
-        return cls(url, derive_root_key(passphrase, salt, params))
+        return derive_root_key(passphrase, salt, params)
 
     def _check_root_key(self) -> None:
         check = self._root.check_value()
@@ -210,7 +213,10 @@ class BrokerStore(BrokerKms, BrokerNonces):
         return self._root
 
     def close(self) -> None:
+        self._group.close()
         self._engine.dispose()
+        if self._writer_lock is not None:
+            self._writer_lock.close()
 
     def __enter__(self) -> BrokerStore:
         return self
@@ -220,13 +226,18 @@ class BrokerStore(BrokerKms, BrokerNonces):
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A write transaction; the current signed request's nonce, if pending, goes in first."""
+        """A SQLAlchemy write transaction; the current signed request's nonce, if pending, goes in first."""
         pending = self._pending_request_nonce()
-        with self._write_lock, self._writes.begin() as session:
-            if pending is not None and not self._insert_request_nonce(session, pending.value, pending.expires_at):
-                pending.replayed = True
-                raise ReplayedRequest
-            yield session
+        self._request_local.writing = True
+        try:
+            with self._write_lock, self._writes.begin() as session:
+                lock_writers(session)
+                if pending is not None and not self._insert_request_nonce(session, pending.value, pending.expires_at):
+                    pending.replayed = True
+                    raise ReplayedRequest
+                yield session
+        finally:
+            self._request_local.writing = False
         if pending is not None:
             pending.recorded = True
 
@@ -253,10 +264,30 @@ class BrokerStore(BrokerKms, BrokerNonces):
 
         ``nonce`` (from ``check_nonce``): the attempt's nonce, marked used in the same transaction.
         """
-        with self._write() as session:
+        self._commit(
+            self.refusal_job(action, actor=actor, subject=subject, reason=reason, detail=detail, now=now, nonce=nonce)
+        )
+
+    def refusal_job(
+        self,
+        action: str,
+        *,
+        actor: str,
+        subject: str,
+        reason: str,
+        detail: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+        nonce: IssuedNonce | None = None,
+    ) -> Callable[[WriteBatch], None]:
+        """``record_refusal`` as a job for ``commit_async``."""
+        ts, extra = as_utc(now), dict(detail or {})
+
+        def refuse(batch: WriteBatch) -> None:
             if nonce is not None:
-                self._burn_nonce(session, nonce)  # already used: the refusal stands either way
-            self._audit(session, f"{action}.refused", actor, subject, as_utc(now), reason=reason, **(detail or {}))
+                self._burn_nonce(batch, nonce)  # already used: the refusal stands either way
+            batch.append_audit(f"{action}.refused", actor, subject, ts, reason=reason, **extra)
+
+        return refuse
 
     def iter_audit(self, *, after_seq: int | None = None) -> Iterator[AuditEntry]:
         """Audit entries in ``seq`` order (all of them, or those after ``after_seq``), streamed."""
@@ -319,6 +350,10 @@ class BrokerStore(BrokerKms, BrokerNonces):
 
     def find_app(self, app_id: str) -> App | None:
         return self._cached_app(app_id)[0]
+
+    def app_is_cached(self, app_id: str) -> bool:
+        """Whether ``find_app`` / ``signing_key_for`` would answer ``app_id`` without the database."""
+        return self._app_cache.get(app_id) is not None
 
     def _cached_app(self, app_id: str) -> tuple[App | None, bytes | None]:
         """``(app, signing key)`` (key None when unknown or disabled), cached ``APP_CACHE_TTL_S``.
@@ -446,68 +481,10 @@ class BrokerStore(BrokerKms, BrokerNonces):
             self._policy_cache.put(wanted, tuple(found), max_age_s, generation)
         return found
 
+    def policies_cached(self, name_or_id: str, *, include_revoked: bool = False) -> bool:
+        """Whether ``policies_for_key(..., max_age_s > 0)`` would answer without the database."""
+        return self._policy_cache.get((name_or_id, include_revoked)) is not None
+
     def _policies_changed(self) -> None:
         """After a committed policy change: forget cached policy lists."""
         self._policy_cache.invalidate()
-
-    # -- key release --------------------------------------------------------------------
-
-    def release_key_material(
-        self,
-        policy_id: str,
-        key_name: str,
-        *,
-        actor: str = "anonymous",
-        now: datetime | None = None,
-        nonce: IssuedNonce | None = None,
-    ) -> list[ReleasedKey]:
-        """Every enabled version of the key, if the (unrevoked) policy covers it; else ``ReleaseRefused``.
-
-        The caller has already verified the workload's evidence against this policy. ``nonce``
-        (from ``check_nonce``) is marked used in the same transaction; if it already was, the
-        release is refused (``AttestationError`` ``reused_nonce``) and nothing is released.
-        """
-        ts = as_utc(now)
-        released: list[ReleasedKey] = []
-        with self._write() as session:
-            if nonce is not None and not self._burn_nonce(session, nonce):
-                error = self._nonce_refused(session, "reused_nonce", nonce.purpose, actor, ts)
-                released, refusal = [], None
-            else:
-                error, refusal = None, self._release_in(session, policy_id, key_name, actor, ts, released)
-        if error is not None:
-            raise error
-        if refusal is not None:
-            raise refusal
-        return released
-
-    def _release_in(
-        self, session: Session, policy_id: str, key_name: str, actor: str, ts: datetime, released: list[ReleasedKey]
-    ) -> ReleaseRefused | None:
-        """The release, in ``session``: fills ``released`` and audits; returns the refusal, if any.
-
-        Core, not the ORM: this is the broker's hot path (docs/performance.md).
-        """
-        policies, keys, bindings, versions = (table_of(t) for t in (PolicyRow, KeyRow, PolicyKeyRow, KeyVersionRow))
-        conn = session.connection()
-        policy_query = select(policies.c.name, policies.c.revoked).where(policies.c.policy_id == policy_id)
-        # FOR SHARE: a concurrent revocation commits either wholly before or after this release.
-        policy = conn.execute(policy_query.with_for_update(read=True)).first()
-        by_name_or_id = or_(keys.c.key_id == key_name, keys.c.name == key_name)
-        key = conn.execute(select(keys.c.key_id, keys.c.name).where(by_name_or_id)).first()
-        binding = select(bindings.c.key_id).where(bindings.c.policy_id == policy_id)
-        bound = key is not None and conn.execute(binding.where(bindings.c.key_id == key.key_id)).first() is not None
-        refusal = _release_refusal(policy_id, policy, key_name, key, bound)
-        if refusal is not None:
-            reason = refusal.reason
-            self._audit(session, "release.refused", actor, key_name, ts, policy_id=policy_id, reason=reason)
-            return refusal
-        assert key is not None
-        enabled = select(versions.c.version, versions.c.sealed_material).where(
-            versions.c.key_id == key.key_id, versions.c.state == "enabled"
-        )
-        for version, sealed in conn.execute(enabled.order_by(versions.c.version)):
-            released.append(ReleasedKey(key.name, key.key_id, version, self._open_version(key.key_id, version, sealed)))
-        numbers = [k.version for k in released]
-        self._audit(session, "key.released", actor, key.key_id, ts, policy_id=policy_id, versions=numbers)
-        return None

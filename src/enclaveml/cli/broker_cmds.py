@@ -46,6 +46,16 @@ def _open_store(
 ) -> BrokerStore:
     from enclaveml.broker.store import BrokerStore
 
+    url, root_key = _store_root_key(app, db, root_key_file, create=create, log_n=log_n)
+    return BrokerStore(url, root_key)
+
+
+def _store_root_key(
+    app: App, db: str | None, root_key_file: str | None, *, create: bool = False, log_n: int = 17
+) -> tuple[str, bytes]:
+    """The store URL and its root key (from the key file, or scrypt of the passphrase)."""
+    from enclaveml.broker.store import BrokerStore
+
     url = db or _default_db(app)
     if url == _default_db(app):
         app.broker_home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -54,7 +64,7 @@ def _open_store(
         if create and not path.exists():
             create_root_key_file(path)
             err_console.print(f"created root key file {path} (mode 0600): back it up apart from the database")
-        return BrokerStore(url, read_root_key_file(path))
+        return url, read_root_key_file(path)
     passphrase = os.environ.get(PASSPHRASE_ENV)
     if not passphrase:
         raise ConfigError(
@@ -62,7 +72,7 @@ def _open_store(
             f"give --root-key-file FILE or set {PASSPHRASE_ENV}",
         )
     kdf = ScryptParams(log_n, SCRYPT_DEFAULT.r, SCRYPT_DEFAULT.p)
-    return BrokerStore.from_passphrase(url, passphrase, kdf=kdf)
+    return url, BrokerStore.passphrase_root_key(url, passphrase, kdf=kdf)
 
 
 _db_option = click.option(
@@ -148,6 +158,8 @@ def init(app: App, db: str | None, root_key_file: str | None, scrypt_log_n: int)
               help="Prove the broker to workloads: evidence from its own TEE (bi-attestation).")  # fmt: skip
 @click.option("--self-sim-key", metavar="PEM",
               help="With --attest-self sim: its key [default: HOME/broker/sim-key.pem, created 0600].")  # fmt: skip
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Broker processes sharing the port (use PostgreSQL for more than one).")  # fmt: skip
 @pass_app
 def serve(
     app: App,
@@ -168,21 +180,27 @@ def serve(
     collateral_cache: str | None,
     attest_self: str | None,
     self_sim_key: str | None,
+    workers: int,
 ) -> None:
     """Serve the broker's API over TLS until SIGINT / SIGTERM.
 
     DCAP quotes are verified with --collateral (offline) or --pccs; simulated evidence is
     accepted only by policies with allow_simulation = true, and only from --trusted-sim-key
     signers when given. --attest-self makes the broker prove itself to workloads that run
-    with `enclaveml run --verify-broker POLICY`.
+    with `enclaveml run --verify-broker POLICY`. --workers N runs N broker processes on the
+    port, each with its own connections to the store; one process uses at most one core.
 
     \b
     Example:
       enclaveml broker serve --root-key-file root.key --tls-cert cert.pem --tls-key key.pem --pccs https://pccs:8081
       enclaveml broker serve --root-key-file root.key --self-signed --secret-prov-port 4433 --secret-prov-key model
       enclaveml broker serve --root-key-file root.key --self-signed --client-ca clients-ca.pem --attest-self sim
+      enclaveml broker serve --root-key-file root.key --self-signed --db postgresql://broker@db/broker --workers 4
     """
-    from enclaveml.broker.server import BrokerServer, make_self_signed
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from enclaveml.broker.server import BrokerServer, make_self_signed, serve_workers
+    from enclaveml.broker.store import BrokerStore
 
     if collateral and pccs:
         raise click.UsageError("give --collateral or --pccs, not both")
@@ -201,24 +219,48 @@ def serve(
     sim_keys = [trusted_sim_public_key(k) for k in trusted_sim_key]
     source = collateral_source(collateral, pccs, pccs_ca, collateral_cache)
     self_tee = _self_tee(app, attest_self, self_sim_key) if attest_self else None
-    with _open_store(app, db, root_key_file) as store:
-        server = BrokerServer(
-            store,
-            host,
-            port,
-            tls_cert,
-            tls_key,
-            secret_prov_port,
-            secret_prov_key=secret_prov_key,
-            sim_trusted_keys=sim_keys,
-            collateral=source,
-            client_ca=client_ca,
-            self_tee=self_tee,
-            log_level="info",
-        )
-        mtls = f"; clients need certificates from {client_ca}" if client_ca else ""
-        err_console.print(f"key broker on https://{host}:{port} (store {store.url}); CA {tls_cert}{mtls}", markup=False)
-        server.serve_forever()
+    url, root_key = _store_root_key(app, db, root_key_file)
+    # One attestation-result signing key for every worker: one JWKS whichever answers.
+    result_key = ec.generate_private_key(ec.SECP256R1())
+
+    def make_server(index: int) -> BrokerServer:
+        """The server of worker ``index`` (or the only one): its own store; secret provisioning in worker 0."""
+        store = BrokerStore(url, root_key)
+        try:
+            return BrokerServer(
+                store,
+                host,
+                port,
+                tls_cert,
+                tls_key,
+                secret_prov_port if index == 0 else None,
+                secret_prov_key=secret_prov_key,
+                sim_trusted_keys=sim_keys,
+                result_signing_key=result_key,
+                collateral=source,
+                client_ca=client_ca,
+                self_tee=self_tee,
+                log_level="info",
+            )
+        except BaseException:
+            store.close()
+            raise
+
+    mtls = f"; clients need certificates from {client_ca}" if client_ca else ""
+    if workers == 1:
+        server = make_server(0)
+        where = f"https://{host}:{port} (store {server.store.url})"
+        err_console.print(f"key broker on {where}; CA {tls_cert}{mtls}", markup=False)
+        try:
+            server.serve_forever()
+        finally:
+            server.store.close()
+        return
+    with BrokerStore(url, root_key) as store:  # migrates and checks the root key once, before forking
+        shown = store.url
+    pool = serve_workers(workers, make_server, host=host, port=port)
+    err_console.print(f"key broker on {pool.url}, {workers} workers (store {shown}); CA {tls_cert}{mtls}", markup=False)
+    pool.start().supervise()
 
 
 def _self_tee(app: App, kind: str, sim_key: str | None) -> Tee:
