@@ -296,3 +296,37 @@ def test_a_secret_that_is_not_a_16_byte_key_is_refused(tmp_path: Path) -> None:
             pf.pf_wrap_key()
     finally:
         server.shutdown()
+
+
+def test_the_brokers_secret_provisioning_sends_the_wrap_key_the_owner_derived(
+    tmp_path: Path, sklearn_model_bytes: bytes
+) -> None:
+    """CCZoo's flow on our broker: the owner derives the PF key of a broker key and seals the model
+    with it; the server's enclave receives the same 16 bytes over RA-TLS secret provisioning."""
+    (tmp_path / "server").mkdir()
+    measurement = measure_workload([], ["gramine", "serve"], root=tmp_path / "server")
+    cert, key = make_self_signed(tmp_path / "tls")
+    with BrokerStore(f"sqlite:///{tmp_path / 'broker.db'}", os.urandom(32)) as store:
+        owner_app = store.enroll_app("model-owner", "owner")
+        with BrokerServer(
+            store, port=0, tls_cert=cert, tls_key=key, secret_prov_port=0, secret_prov_key="resnet"
+        ) as server:
+            assert server.secret_prov is not None
+            owner = BrokerKms(server.url, owner_app.app.app_id, owner_app.api_key, ca=str(cert))
+            owner.create_key("resnet")
+            policy = f'name = "server"\ntee = ["sim"]\nallow_simulation = true\nmr_enclave = ["{measurement.hex()}"]\n'
+            owner.client.register_policy("model-server", policy, ["resnet"])
+            wrap_key = owner.gramine_pf_key("resnet")  # `enclaveml kms --backend broker gramine-pf-key`
+            owner.close()
+            publish_pf_model(tmp_path / "models" / "resnet", 1, sklearn_model_bytes, wrap_key)
+
+            tee = SimulatedTee(SimulationKey.generate(), measurement, b"")
+            keys = SecretProvKeys(HOST, server.secret_prov.port, tee=tee, ca=str(cert), timeout=10)
+            assert keys.pf_wrap_key() == wrap_key
+            with ModelRepository({"resnet": tmp_path / "models" / "resnet"}, keys) as repo:
+                assert serves(repo, "resnet")
+            stranger = SimulatedTee(SimulationKey.generate(), bytes(48), b"")
+            with pytest.raises(AttestationError):
+                SecretProvKeys(HOST, server.secret_prov.port, tee=stranger, ca=str(cert), timeout=10).pf_wrap_key()
+        events = [entry.event for entry in store.iter_audit()]
+    assert "key.gramine_pf_key" in events

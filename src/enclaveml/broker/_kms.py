@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from enclaveml.broker._database import StoreCore, as_utc
 from enclaveml.broker.models import KeyRow, KeyVersionRow
 from enclaveml.crypto._keywrap import unwrap_key, wrap_key
+from enclaveml.crypto.gramine_pf import derive_wrap_key
 from enclaveml.errors import ConfigError, KeyNotFound
 from enclaveml.kms._protocol import KeyInfo, KeyVersionInfo, WrappedKey
 
@@ -90,6 +91,29 @@ class BrokerKms(StoreCore):
             key.versions.append(self._new_version(key.key_id, version, ts))
             self._audit(session, "key.rotated", actor, key.key_id, ts, name=key.name, version=version)
             return _info(key)
+
+    def gramine_pf_key(
+        self, name_or_id: str, version: int | None = None, *, actor: str = "system", now: datetime | None = None
+    ) -> bytes:
+        """The 16-byte Gramine wrap key derived from a version of the key (default: primary); audited.
+
+        ``crypto.gramine_pf.derive_wrap_key``: what secret provisioning sends an attested
+        enclave for this key, handed to the key's owner to encrypt protected files.
+        """
+        ts = as_utc(now)
+        with self._write() as session:
+            key = self._find_key(session, name_or_id)
+            enabled = [v for v in key.versions if v.state == "enabled"]
+            chosen = (
+                max(enabled, key=lambda v: v.version)
+                if version is None
+                else next((v for v in enabled if v.version == version), None)
+            )
+            if chosen is None:
+                raise KeyNotFound(f"key {key.name} has no enabled version {version}")
+            derived = derive_wrap_key(self._material(chosen), key.key_id, chosen.version)
+            self._audit(session, "key.gramine_pf_key", actor, key.key_id, ts, name=key.name, version=chosen.version)
+        return derived
 
     def list_keys(self) -> list[KeyInfo]:
         with self._read() as session:

@@ -254,6 +254,12 @@ class BrokerClient:
     def rotate_key(self, name_or_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/keys/{name_or_id}/rotate")
 
+    def gramine_pf_key(self, name_or_id: str, version: int | None = None) -> bytes:
+        """The key's 16-byte Gramine wrap key (owner apps; audited by the broker)."""
+        body = {} if version is None else {"key_version": version}
+        answer = self.request("POST", f"/v1/keys/{name_or_id}/gramine-pf-key", body)
+        return base64.b64decode(answer["wrap_key"], validate=True)
+
     def register_policy(self, name: str, document: str, keys: Sequence[str]) -> dict[str, Any]:
         return self.request("POST", "/v1/policies", {"name": name, "document": document, "keys": list(keys)})
 

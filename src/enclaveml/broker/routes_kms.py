@@ -68,6 +68,15 @@ def rotate_key(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     return key_info_json(ctx.store.rotate_key(call.param("name"), actor=call.caller.app_id, now=call.now))
 
 
+def gramine_pf_key(ctx: BrokerContext, call: Call) -> dict[str, Any]:
+    body = call.json()
+    version = body.get("key_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
+        raise ApiError(400, "malformed_request", "field 'key_version' must be a positive integer")
+    key = ctx.store.gramine_pf_key(call.param("name"), version, actor=call.caller.app_id, now=call.now)
+    return {"wrap_key": base64.b64encode(key).decode()}
+
+
 def wrap(ctx: BrokerContext, call: Call) -> dict[str, Any]:
     body = call.json()
     data_key = b64_field(body, "data_key")
@@ -123,6 +132,7 @@ def kms_routes(ctx: BrokerContext) -> list[Route]:
         route("/v1/keys/{name}", "GET", _OWNER, describe_key),
         route("/v1/keys/{name}/rotate", "POST", _OWNER, rotate_key),
         route("/v1/keys/{name}/wrap", "POST", _OWNER, wrap),
+        route("/v1/keys/{name}/gramine-pf-key", "POST", _OWNER, gramine_pf_key),
         route("/v1/policies", "POST", _OWNER, register_policy),
         route("/v1/policies", "GET", _OWNER, list_policies),
         route("/v1/policies/{policy_id}/revoke", "POST", _OWNER, revoke_policy),

@@ -11,9 +11,10 @@ signed-request authentication of each request. ``self_tee``: the TEE the broker 
 it then answers ``GET /v1/broker/evidence`` (``self_attestation.py``, bi-attestation).
 
 ``secret_prov_port`` also starts a Gramine secret provisioning server
-(``secret_prov.py``) with the same certificate; the secret is the primary version of the
-key ``secret_prov_key``, released to a client whose RA-TLS evidence satisfies a policy bound
-to that key (the same policies and audit entries as ``POST /v1/keys/{name}/release``).
+(``secret_prov.py``) with the same certificate; the secret is the 16-byte Gramine wrap key
+derived from the primary version of the key ``secret_prov_key`` (``derive_wrap_key``),
+released to a client whose RA-TLS evidence satisfies a policy bound to that key (the same
+policies and audit entries as ``POST /v1/keys/{name}/release``).
 
 ``make_self_signed(dir)`` writes a self-signed P-256 certificate for 127.0.0.1 / localhost
 (tests and the demo); clients trust it with ``ca=cert``.
@@ -52,8 +53,9 @@ from enclaveml.attestation.tee import Tee
 from enclaveml.broker._http_protocol import CoalescingHttpToolsProtocol
 from enclaveml.broker._workers import WorkerPool, serve_workers
 from enclaveml.broker.app import create_app, self_attestation_route
-from enclaveml.broker.secret_prov import DEFAULT_PORT, SecretProvisioningServer
+from enclaveml.broker.secret_prov import SecretProvisioningServer
 from enclaveml.broker.store import BrokerStore
+from enclaveml.crypto.gramine_pf import derive_wrap_key
 from enclaveml.errors import ConfigError, PolicyError
 
 __all__ = ["BrokerServer", "WorkerPool", "make_self_signed", "serve_workers"]
@@ -172,7 +174,7 @@ class BrokerServer:
                 raise ConfigError("secret provisioning needs the key it hands out", "add --secret-prov-key NAME")
             self.secret_prov = SecretProvisioningServer(
                 host,
-                secret_prov_port if secret_prov_port else DEFAULT_PORT,
+                secret_prov_port,  # 0: any free port (tests); the CLI says 4433
                 cert_pem=Path(tls_cert).read_bytes(),
                 key_pem=Path(tls_key).read_bytes(),
                 verifier=self._verify_ratls_evidence,
@@ -196,7 +198,10 @@ class BrokerServer:
                 decision = Policy.from_text(record.document).evaluate(claims, now=now)
                 if decision.allowed:
                     released = self.store.release_key_material(record.policy_id, key_name, actor="secret-prov", now=now)
-                    return released[-1].material  # the primary (newest enabled) version
+                    primary = released[-1]  # the newest enabled version
+                    # Gramine's SECRET_PROVISION_SET_KEY takes exactly 16 bytes: the derived wrap key
+                    # (`enclaveml kms gramine-pf-key` gives the owner the same bytes).
+                    return derive_wrap_key(primary.material, primary.key_id, primary.version)
                 failures.append(f"policy {record.name}: {decision.failures[0].what}")
             raise PolicyError("; ".join(failures) or f"no policy may receive key {key_name}")
 

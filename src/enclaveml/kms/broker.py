@@ -78,6 +78,10 @@ class BrokerKms:
     def rotate_key(self, name_or_id: str) -> KeyInfo:
         return _key_info(self.client.rotate_key(name_or_id))
 
+    def gramine_pf_key(self, name_or_id: str, version: int | None = None) -> bytes:
+        """The 16-byte Gramine protected-files wrap key derived from the key (owner apps; audited)."""
+        return self.client.gramine_pf_key(name_or_id, version)
+
     def destroy_key_version(self, name_or_id: str, version: int) -> KeyInfo:
         raise ConfigError(
             "the key broker API does not destroy key versions",
