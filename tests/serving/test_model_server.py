@@ -33,7 +33,7 @@ from enclaveml.serving.certs import create_ca, issue_client_certificate, issue_s
 from enclaveml.serving.keys import LocalKeys, WrapKeyFile, read_wrap_key_file
 from enclaveml.serving.ratls import fetch_verified_server_certificate, pinned_channel_options
 from enclaveml.serving.repository import publish_eml_model, publish_pf_model
-from enclaveml.serving.server import ModelServer, ServeConfig
+from enclaveml.serving.server import ModelServer, ServeConfig, grpc_threads
 from enclaveml.serving.tensor_codec import to_kserve_raw, to_tensor_proto
 from enclaveml.serving.tls import ServerTls, channel_credentials, client_ssl_context
 
@@ -276,6 +276,16 @@ def test_bad_configurations_are_refused_before_anything_listens(
     arguments = {"models": local["models"], "keys": local["keys"], **overrides}
     with pytest.raises(ConfigError, match=message):
         ServeConfig(**arguments)
+
+
+def test_grpc_calls_get_a_thread_per_core_and_with_batching_one_per_row_of_a_full_batch(
+    local: dict[str, Any],
+) -> None:
+    per_core = max(2, os.cpu_count() or 1)
+    assert grpc_threads() == per_core
+    assert grpc_threads(ServeConfig(local["models"], local["keys"])) == per_core
+    batching = ServeConfig(local["models"], local["keys"], enable_batching=True, max_batch_size=per_core + 40)
+    assert grpc_threads(batching) == per_core + 40
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tritonclient.grpc import service_pb2
 
-from enclaveml.serving._tf_protos import tensor_pb2, types_pb2
+from enclaveml.serving._tf_protos import predict_pb2, tensor_pb2, types_pb2
 from enclaveml.serving.errors import InvalidRequest, RequestTooLarge
 from enclaveml.serving.tensor_codec import (
     decode_bytes_elements,
     encode_bytes_elements,
+    fill_tensor_proto,
     from_json_data,
     from_kserve_contents,
     from_kserve_raw,
@@ -127,6 +128,21 @@ def test_numbers_travel_in_tensor_content_and_strings_in_string_val() -> None:
     assert not numbers.int64_val
     strings = to_tensor_proto(np.array(["ok", b"raw"], dtype=object))
     assert list(strings.string_val) == [b"ok", b"raw"]
+
+
+def test_outputs_are_written_into_the_response_in_place_as_to_tensor_proto_writes_them() -> None:
+    response = predict_pb2.PredictResponse()
+    arrays: dict[str, np.ndarray[Any, Any]] = {
+        "label": np.array([2, 0], np.int64),
+        "scores": np.eye(2, 3, dtype=np.float32),
+        "names": np.array([b"a", b"bc"], object),
+    }
+    for name, array in arrays.items():
+        fill_tensor_proto(response.outputs[name], array)
+    parsed = predict_pb2.PredictResponse.FromString(response.SerializeToString())
+    for name, array in arrays.items():
+        assert parsed.outputs[name] == to_tensor_proto(array)
+        np.testing.assert_array_equal(from_tensor_proto(name, parsed.outputs[name], max_bytes=LIMIT), array)
 
 
 # -- KServe gRPC ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ from enclaveml.serving.keys import LocalKeys
 from enclaveml.serving.repository import publish_eml_model
 from enclaveml.serving.server import ModelServer, ServeConfig
 from enclaveml.serving.tensor_codec import from_tensor_proto, to_tensor_proto
+from enclaveml.serving.tfserving_grpc import PREDICTION_SERVICE, unary_handler
 
 MODEL_KEY = "models"  # the key conftest's local_kms holds
 LIMIT = 64 << 10  # a small max_request_bytes, so that oversized requests are cheap to make
@@ -197,6 +199,25 @@ def test_a_bad_request_gets_its_status_and_the_server_keeps_serving(
     assert got_code == code
     assert re.search(message, details), details
     np.testing.assert_array_equal(outputs_of(stub.Predict(predict_request()))["label"], expected["label"])
+
+
+def test_a_server_fault_answers_internal_and_keeps_its_details_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(request: Any, context: Any) -> Any:
+        raise RuntimeError("lookup table 0xdeadbeef is corrupt")
+
+    handler = unary_handler(broken, predict_pb2.PredictRequest, predict_pb2.PredictResponse)
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PREDICTION_SERVICE, {"Predict": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            code, details = code_of(lambda: stub.Predict(predict_request(), timeout=30))
+    finally:
+        server.stop(None)
+    assert (code, details) == (grpc.StatusCode.INTERNAL, "internal error (the server log has the details)")
+    assert "0xdeadbeef" in caplog.text
 
 
 # -- GetModelMetadata and GetModelStatus ---------------------------------------------------------------

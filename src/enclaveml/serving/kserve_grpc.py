@@ -41,8 +41,8 @@ from enclaveml.serving.tensor_codec import (
 from enclaveml.serving.tfserving_grpc import unary_handler
 
 if TYPE_CHECKING:
+    from enclaveml.serving.inference import Inference
     from enclaveml.serving.runtime import Array, TensorInfo
-    from enclaveml.serving.server import Inference
 
 __all__ = ["KSERVE_SERVICE", "PLATFORM", "SERVER_NAME", "KServeServicer", "parse_version"]
 
@@ -86,23 +86,23 @@ class KServeServicer:
         handlers = {name: unary_handler(*parts) for name, parts in methods.items()}
         return [grpc.method_handlers_generic_handler(KSERVE_SERVICE, handlers)]
 
-    async def server_live(self, request: Any, context: Any) -> Any:
+    def server_live(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: Any, context: Any) -> Any:
+    def server_ready(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerReadyResponse(ready=self._inference.not_ready_reason() is None)
 
-    async def model_ready(self, request: Any, context: Any) -> Any:
+    def model_ready(self, request: Any, context: Any) -> Any:
         try:
             self._inference.model(request.name, parse_version(request.name, request.version))
         except ModelNotReady:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=True)
 
-    async def server_metadata(self, request: Any, context: Any) -> Any:
+    def server_metadata(self, request: Any, context: Any) -> Any:
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__)
 
-    async def model_metadata(self, request: Any, context: Any) -> Any:
+    def model_metadata(self, request: Any, context: Any) -> Any:
         served = self._inference.model(request.name, parse_version(request.name, request.version))
         response = service_pb2.ModelMetadataResponse(
             name=served.name, versions=self._inference.available_versions(served.name), platform=PLATFORM
@@ -111,12 +111,12 @@ class KServeServicer:
         response.outputs.extend(_tensor_metadata(t) for t in served.runtime.outputs)
         return response
 
-    async def model_infer(self, request: Any, context: Any) -> Any:
+    def model_infer(self, request: Any, context: Any) -> Any:
         with self._inference.measure(request.model_name, "kserve-grpc"):
             served = self._inference.model(request.model_name, parse_version(request.model_name, request.model_version))
             feeds = _feeds(request, self._inference.max_request_bytes)
             wanted = [o.name for o in request.outputs] or None
-            outputs = await self._inference.run(served, feeds, wanted)
+            outputs = self._inference.run_blocking(served, feeds, wanted)
         response = service_pb2.ModelInferResponse(
             model_name=served.name, model_version=str(served.version), id=request.id
         )

@@ -19,6 +19,10 @@ an unloaded version disappears instead of leaving a stale value.
 Label values are bounded: a request for a model the server does not know is counted under
 ``model="_unknown"`` (a client must not be able to create series at will).
 
+Recording is on every request's path, so the labelled children are looked up once per label
+set and kept (``labels()`` takes a lock and builds a key each time); the kept ones are as
+bounded as the label values.
+
 A registry of its own, not the process-wide default: two servers in one process (tests)
 keep separate counts, and no library's metrics leak into ``/metrics``.
 """
@@ -26,7 +30,7 @@ keep separate counts, and no library's metrics leak into ``/metrics``.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -89,6 +93,8 @@ class ServingMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._models = None if models is None else frozenset(models)
         self._repository: ModelRepository | None = None
+        self._request_children: dict[tuple[str, str, str | int], tuple[Any, Any]] = {}
+        self._batch_children: dict[str, Any] = {}
         self.requests = Counter(
             "enclaveml_serving_requests",
             "Requests answered, by model, protocol and status code",
@@ -117,23 +123,33 @@ class ServingMetrics:
         if self._repository is not None:
             raise ValueError("a repository is already attached")
         self._repository = repository
+        if self._models is None:  # a repository's model names are fixed when it is made
+            self._models = frozenset(repository.names())
         self.registry.register(_RepositoryCollector(repository))
 
     def _label(self, model: str) -> str:
         allowed = self._models
-        if allowed is None and self._repository is not None:
-            allowed = frozenset(self._repository.names())
         return model if allowed is None or model in allowed else UNKNOWN_MODEL
 
     def record_request(self, model: str, protocol: str, code: str | int, seconds: float) -> None:
         """One answered request: ``code`` is the gRPC status name (``OK``) or the HTTP status (200)."""
         label = self._label(model)
-        self.requests.labels(label, protocol, str(code)).inc()
-        self.request_seconds.labels(label, protocol).observe(seconds)
+        key = (label, protocol, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(label, protocol, str(code)), self.request_seconds.labels(label, protocol))
+            self._request_children[key] = children
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
     def observe_batch(self, model: str, rows: int) -> None:
         """One model run over ``rows`` rows (``DynamicBatcher(on_batch=...)``)."""
-        self.batch_size.labels(self._label(model)).observe(rows)
+        label = self._label(model)
+        child = self._batch_children.get(label)
+        if child is None:
+            child = self._batch_children[label] = self.batch_size.labels(label)
+        child.observe(rows)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

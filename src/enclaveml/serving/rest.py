@@ -61,7 +61,7 @@ from enclaveml.serving.tfserving_grpc import (
 )
 
 if TYPE_CHECKING:
-    from enclaveml.serving.server import Inference
+    from enclaveml.serving.inference import Inference
 
 __all__ = ["BINARY_HEADER", "WORKER_HEADER", "create_app", "served_spec_json"]
 

@@ -47,6 +47,7 @@ __all__ = [
     "check_size",
     "decode_bytes_elements",
     "encode_bytes_elements",
+    "fill_tensor_proto",
     "from_json_data",
     "from_kserve_contents",
     "from_kserve_raw",
@@ -235,10 +236,11 @@ def from_tensor_proto(name: str, proto: Any, *, max_bytes: int) -> Array:
         raise InvalidRequest(f"input {name!r}: the tensor has an unknown rank")
     shape = [dim.size for dim in proto.tensor_shape.dim]
     count = check_size(name, shape, dtype, max_bytes)
-    if proto.tensor_content:
+    content = proto.tensor_content  # a copy of the bytes each time it is read: read once
+    if content:
         if dtype == np.object_:
             raise InvalidRequest(f"input {name!r}: DT_STRING cannot use tensor_content")
-        return _from_buffer(name, proto.tensor_content, dtype, shape, count)
+        return _from_buffer(name, content, dtype, shape, count)
     field = _TF_TYPES[proto.dtype][1]
     values = getattr(proto, field)
     if len(values) > count:
@@ -259,14 +261,21 @@ def from_tensor_proto(name: str, proto: Any, *, max_bytes: int) -> Array:
 
 def to_tensor_proto(array: Array) -> Any:
     """A numpy array → ``TensorProto``: numbers in ``tensor_content``, strings in ``string_val``."""
-    proto = tensor_pb2.TensorProto(dtype=tf_dtype(array.dtype))
-    for dim in array.shape:
-        proto.tensor_shape.dim.add(size=dim)
+    proto = tensor_pb2.TensorProto()
+    fill_tensor_proto(proto, array)
+    return proto
+
+
+def fill_tensor_proto(proto: Any, array: Array) -> None:
+    """``to_tensor_proto`` into an empty ``TensorProto`` in place (a response's map entry: no copy)."""
+    proto.dtype = tf_dtype(array.dtype)
+    dims = proto.tensor_shape.dim
+    for size in array.shape:
+        dims.add().size = size
     if array.dtype == np.object_:
         proto.string_val.extend(e.encode() if isinstance(e, str) else bytes(e) for e in array.ravel())
     else:
         proto.tensor_content = _little_endian_bytes(array)
-    return proto
 
 
 # -- KServe v2 gRPC ----------------------------------------------------------------------------

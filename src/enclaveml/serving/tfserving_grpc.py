@@ -17,13 +17,16 @@ Classify, Regress and MultiInference are not served: gRPC answers ``UNIMPLEMENTE
 any method no handler is registered for. Handlers are registered by full method name with
 ``grpc.method_handlers_generic_handler`` (``_tf_protos`` says why ``model_service_pb2_grpc``
 cannot be imported). Errors become gRPC statuses through ``errors.status_of`` only.
+
+The handlers are synchronous: they run in the thread pool of a ``grpc.server`` (``server.py``
+says why not ``grpc.aio``) and call ``Inference.run_blocking``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
@@ -31,11 +34,11 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from enclaveml.serving._tf_protos import error_codes_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 from enclaveml.serving.errors import InvalidRequest, ModelNotFound, RequestTooLarge, status_of
-from enclaveml.serving.tensor_codec import from_tensor_proto, tf_dtype, to_tensor_proto
+from enclaveml.serving.tensor_codec import fill_tensor_proto, from_tensor_proto, tf_dtype
 
 if TYPE_CHECKING:
+    from enclaveml.serving.inference import Inference
     from enclaveml.serving.runtime import TensorInfo
-    from enclaveml.serving.server import Inference
 
 __all__ = [
     "MODEL_SERVICE",
@@ -57,10 +60,10 @@ SERVING_DEFAULT = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURE_DEF_FIELD = "signature_def"
 
-Handler = Callable[[Any, Any], Awaitable[Any]]
+Handler = Callable[[Any, Any], Any]
 
 
-async def abort_with(context: Any, exc: BaseException) -> None:
+def abort_with(context: Any, exc: BaseException) -> NoReturn:
     """End the call with the status ``errors.status_of`` gives ``exc``; server faults keep their details in the log."""
     code_name, _http = status_of(exc)
     if code_name == "INTERNAL":
@@ -68,19 +71,18 @@ async def abort_with(context: Any, exc: BaseException) -> None:
         message = "internal error (the server log has the details)"
     else:
         message = str(exc)
-    await context.abort(getattr(grpc.StatusCode, code_name), message)
+    context.abort(getattr(grpc.StatusCode, code_name), message)
+    raise AssertionError("unreachable: grpc's abort raises")  # pragma: no cover
 
 
 def unary_handler(method: Handler, request_type: Any, response_type: Any) -> Any:
-    """An ``aio`` unary handler that maps every exception ``method`` raises to a status."""
+    """A unary handler (``grpc.server``'s threads) that maps every exception ``method`` raises to a status."""
 
-    async def call(request: Any, context: Any) -> Any:
+    def call(request: Any, context: Any) -> Any:
         try:
-            return await method(request, context)
+            return method(request, context)
         except Exception as exc:  # every failure becomes one status; abort raises to end the call
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await abort_with(context, exc)
+            abort_with(context, exc)
 
     return grpc.unary_unary_rpc_method_handler(
         call, request_deserializer=request_type.FromString, response_serializer=response_type.SerializeToString
@@ -94,7 +96,7 @@ class TfServingServicer:
         self._inference = inference
 
     def handlers(self) -> list[Any]:
-        """Generic handlers for ``grpc.aio.Server.add_generic_rpc_handlers``."""
+        """Generic handlers for ``grpc.Server.add_generic_rpc_handlers``."""
         prediction = {
             "Predict": unary_handler(self.predict, predict_pb2.PredictRequest, predict_pb2.PredictResponse),
             "GetModelMetadata": unary_handler(
@@ -117,7 +119,7 @@ class TfServingServicer:
 
     # -- methods ---------------------------------------------------------------------------
 
-    async def predict(self, request: Any, context: Any) -> Any:
+    def predict(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
         with self._inference.measure(spec.name, "tfserving-grpc"):
             served = self._inference.model(_model_name(spec), _version(spec))
@@ -133,14 +135,14 @@ class TfServingServicer:
                 total += feeds[name].nbytes
                 if total > limit:
                     raise RequestTooLarge(f"the inputs decode to more than {limit} bytes")
-            outputs = await self._inference.run(served, feeds, list(request.output_filter) or None)
+            outputs = self._inference.run_blocking(served, feeds, list(request.output_filter) or None)
         response = predict_pb2.PredictResponse()
         served_spec(response.model_spec, served.name, served.version)
         for name, array in outputs.items():
-            response.outputs[name].CopyFrom(to_tensor_proto(array))
+            fill_tensor_proto(response.outputs[name], array)
         return response
 
-    async def get_model_metadata(self, request: Any, context: Any) -> Any:
+    def get_model_metadata(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
         served = self._inference.model(_model_name(spec), _version(spec))
         fields = list(request.metadata_field)
@@ -158,7 +160,7 @@ class TfServingServicer:
         response.metadata[SIGNATURE_DEF_FIELD].CopyFrom(packed)
         return response
 
-    async def get_model_status(self, request: Any, context: Any) -> Any:
+    def get_model_status(self, request: Any, context: Any) -> Any:
         spec = request.model_spec
         return model_status_response(self._inference, _model_name(spec), _version(spec))
 
