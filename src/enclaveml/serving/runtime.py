@@ -149,7 +149,6 @@ class OnnxModel:
             ) from None
         self._inputs = tuple(_tensor_info(arg) for arg in self._session.get_inputs())
         self._outputs = tuple(_tensor_info(arg) for arg in self._session.get_outputs())
-        self._output_names = {t.name for t in self._outputs}
 
     @property
     def inputs(self) -> tuple[TensorInfo, ...]:
@@ -160,12 +159,7 @@ class OnnxModel:
         return self._outputs
 
     def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
-        names = [t.name for t in self._outputs] if output_names is None else list(output_names)
-        unknown = [n for n in names if n not in self._output_names]
-        if unknown:
-            raise InvalidRequest(
-                f"the model has no output {unknown[0]!r}", f"outputs: {', '.join(t.name for t in self._outputs)}"
-            )
+        names = requested_outputs(self._outputs, output_names)
         prepared = {name: _ort_ready(name, array) for name, array in feeds.items()}
         try:
             results = self._session.run(names, prepared)
@@ -209,6 +203,19 @@ def _dtype_matches(expected: np.dtype[Any], array: Array) -> bool:
 
 def _dtype_name(dtype: np.dtype[Any]) -> str:
     return "string" if dtype == _STRING or dtype.kind in "US" else str(dtype)
+
+
+def requested_outputs(outputs: Sequence[TensorInfo], output_names: Sequence[str] | None) -> list[str]:
+    """The outputs a request asked for (all when ``None``); ``InvalidRequest`` names the first unknown one."""
+    if output_names is None:
+        return [t.name for t in outputs]
+    known = {t.name for t in outputs}
+    unknown = [n for n in output_names if n not in known]
+    if unknown:
+        raise InvalidRequest(
+            f"the model has no output {unknown[0]!r}", f"outputs: {', '.join(t.name for t in outputs)}"
+        )
+    return list(output_names)
 
 
 def check_request(model: ModelRuntime, feeds: Mapping[str, Any], output_names: Sequence[str] | None = None) -> None:

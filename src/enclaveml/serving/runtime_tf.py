@@ -63,7 +63,7 @@ import numpy.typing as npt
 from enclaveml._atomic import atomic_output
 from enclaveml.errors import ConfigError, FormatError
 from enclaveml.serving.errors import InvalidRequest
-from enclaveml.serving.runtime import TensorInfo, check_request
+from enclaveml.serving.runtime import TensorInfo, check_request, requested_outputs
 
 if TYPE_CHECKING:
     import os
@@ -443,7 +443,6 @@ class TfSavedModel:
         self._finalizer = weakref.finalize(self, _remove_tree, tf, root)
         self._tf = tf
         self._signature = signature
-        self._output_names = {t.name for t in self._outputs}
 
     @property
     def inputs(self) -> tuple[TensorInfo, ...]:
@@ -454,12 +453,7 @@ class TfSavedModel:
         return self._outputs
 
     def run(self, feeds: Mapping[str, Array], output_names: Sequence[str] | None = None) -> dict[str, Array]:
-        names = [t.name for t in self._outputs] if output_names is None else list(output_names)
-        unknown = [n for n in names if n not in self._output_names]
-        if unknown:
-            raise InvalidRequest(
-                f"the model has no output {unknown[0]!r}", f"outputs: {', '.join(t.name for t in self._outputs)}"
-            )
+        names = requested_outputs(self._outputs, output_names)
         # Checked here too, not only by the frontends: TF's own refusals print the tensors they got.
         check_request(self, feeds, names)
         try:
